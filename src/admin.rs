@@ -1,0 +1,67 @@
+//! The admin listener (localhost by default): `/metrics`, `/healthz`, `/readyz`.
+//!
+//! Kept off the public port so that scanners on the internet see neither our numbers nor our
+//! state, and so that a flood on the public port cannot starve the operator's view.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use actix_web::{web, HttpResponse};
+use serde_json::json;
+
+use crate::metrics::Metrics;
+use crate::relay::{BrokerState, BrokerStatus};
+use crate::store::Store;
+
+/// What the admin endpoints read.
+pub struct Admin {
+    pub store: Store,
+    pub metrics: Metrics,
+    pub broker: BrokerStatus,
+    pub shutting_down: Arc<AtomicBool>,
+}
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/metrics", web::get().to(metrics))
+        .route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz));
+}
+
+async fn metrics(admin: web::Data<Admin>) -> HttpResponse {
+    let stats = admin.store.stats();
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(admin.metrics.render(&stats))
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({ "status": "ok" }))
+}
+
+/// Ready while the receiver can do its job: the store writes and the outbox has room. The
+/// broker's state is reported but does not make us unready: events wait in the outbox.
+async fn readyz(admin: web::Data<Admin>) -> HttpResponse {
+    let stats = admin.store.stats();
+    let stopping = admin.shutting_down.load(Ordering::Acquire);
+    let has_room = stats.outbox_events < stats.outbox_capacity;
+    let ready = stats.writable && has_room && !stopping;
+    let broker = admin.broker.get();
+    let body = json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "shutting_down": stopping,
+        "store": {
+            "writable": stats.writable,
+            "outbox_events": stats.outbox_events,
+            "outbox_capacity": stats.outbox_capacity,
+            "outbox_oldest_age_seconds": stats.outbox_oldest_age.map(|d| d.as_secs_f64()),
+            "dedup_keys": stats.dedup_keys,
+        },
+        "broker": broker,
+        "broker_connected": broker == BrokerState::Connected,
+    });
+    if ready {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}

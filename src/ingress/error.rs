@@ -1,0 +1,107 @@
+//! Every way a webhook request can fail, and the one place that turns each into an answer in
+//! the platform's own error shape: `{"error":{"code","message","details","request_id"}}`.
+
+use actix_web::http::header::{ALLOW, RETRY_AFTER};
+use actix_web::http::StatusCode;
+use actix_web::HttpResponse;
+use serde_json::{json, Value};
+
+use crate::signature::SignatureError;
+
+use super::envelope::PayloadError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngressError {
+    #[error("the request body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("Content-Encoding `{encoding}` is not supported: send the body uncompressed")]
+    UnsupportedEncoding { encoding: String },
+    #[error("{0}")]
+    Signature(SignatureError),
+    #[error("the payload is invalid: {}", .0.reason)]
+    InvalidPayload(PayloadError),
+    #[error("the signed timestamp is outside the accepted window")]
+    TimestampOutOfTolerance { details: Value },
+    #[error("the service cannot store events right now: {reason}")]
+    Unavailable {
+        reason: String,
+        retry_after_seconds: u32,
+    },
+    #[error("only POST is allowed here")]
+    MethodNotAllowed,
+    #[error("no such endpoint: webhooks are received at POST /webhooks/kallina")]
+    NotFound,
+}
+
+impl IngressError {
+    /// The `error.code`, also the `outcome` label of the metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::UnsupportedEncoding { .. } => "unsupported_encoding",
+            Self::Signature(SignatureError::Missing) => "missing_signature",
+            Self::Signature(_) => "invalid_signature",
+            Self::InvalidPayload(_) => "invalid_payload",
+            Self::TimestampOutOfTolerance { .. } => "timestamp_out_of_tolerance",
+            Self::Unavailable { .. } => "unavailable",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::NotFound => "not_found",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedEncoding { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Signature(_) => StatusCode::UNAUTHORIZED,
+            Self::InvalidPayload(_) | Self::TimestampOutOfTolerance { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::NotFound => StatusCode::NOT_FOUND,
+        }
+    }
+
+    fn details(&self) -> Value {
+        match self {
+            Self::PayloadTooLarge { limit } => json!({ "limit_bytes": limit }),
+            Self::UnsupportedEncoding { encoding } => json!({ "content_encoding": encoding }),
+            Self::Signature(e) => json!({ "reason": e.reason() }),
+            Self::InvalidPayload(e) => json!({ "field": e.field, "reason": e.reason }),
+            Self::TimestampOutOfTolerance { details } => details.clone(),
+            Self::Unavailable {
+                reason,
+                retry_after_seconds,
+            } => {
+                json!({ "reason": reason, "retry_after_seconds": retry_after_seconds })
+            }
+            Self::MethodNotAllowed => json!({ "allowed": ["POST"] }),
+            Self::NotFound => json!({}),
+        }
+    }
+
+    pub fn to_response(&self, request_id: &str) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status());
+        match self {
+            Self::Unavailable {
+                retry_after_seconds,
+                ..
+            } => {
+                response.insert_header((RETRY_AFTER, retry_after_seconds.to_string()));
+            }
+            Self::MethodNotAllowed => {
+                response.insert_header((ALLOW, "POST"));
+            }
+            _ => {}
+        }
+        response.json(json!({
+            "error": {
+                "code": self.code(),
+                "message": self.to_string(),
+                "details": self.details(),
+                "request_id": request_id,
+            }
+        }))
+    }
+}

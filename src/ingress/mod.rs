@@ -1,0 +1,341 @@
+//! `POST /webhooks/kallina`: the public door.
+//!
+//! A request goes through the checks in the order the contract lists them, each failing fast:
+//! size, encoding, signature (over the raw bytes, before any parsing), envelope, timestamp
+//! window; only then does it reach the [store](crate::store), and the answer is 2xx only once
+//! the store says the event is on disk.
+
+mod envelope;
+mod error;
+mod request_id;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use actix_web::http::header::{CONTENT_ENCODING, CONTENT_LENGTH};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+pub use envelope::{parse as parse_envelope, Envelope, PayloadError};
+pub use error::IngressError;
+pub use request_id::{assign as assign_request_id, RequestId};
+
+use crate::config::{Secret, Settings};
+use crate::metrics::{event_label, Metrics};
+use crate::signature;
+use crate::store::{unix_millis, OutboxRecord, Store, StoreError, Stored};
+
+/// The webhook path the platform posts to.
+pub const WEBHOOK_PATH: &str = "/webhooks/kallina";
+/// Longest delivery id accepted as a dedup key.
+const MAX_ID_LEN: usize = 200;
+/// How long a sender should wait before retrying when the outbox is full (broker away).
+const RETRY_AFTER_FULL: u32 = 30;
+/// … and when the disk failed or the process is stopping (a restart or recovery is quick).
+const RETRY_AFTER_BRIEF: u32 = 5;
+
+/// What the webhook handler needs, shared by every worker.
+pub struct Ingress {
+    pub secrets: Vec<Secret>,
+    pub max_body: usize,
+    pub tolerance: Duration,
+    pub future_skew: Duration,
+    pub id_header: Option<String>,
+    pub source: String,
+    pub store: Store,
+    pub metrics: Metrics,
+    /// Set when shutdown begins: new requests get 503 while in-flight ones finish.
+    pub shutting_down: Arc<AtomicBool>,
+}
+
+impl Ingress {
+    pub fn new(
+        settings: &Settings,
+        store: Store,
+        metrics: Metrics,
+        shutting_down: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            secrets: settings.secrets.clone(),
+            max_body: settings.max_body,
+            tolerance: settings.tolerance,
+            future_skew: settings.future_skew,
+            id_header: settings.id_header.clone(),
+            source: settings.source.clone(),
+            store,
+            metrics,
+            shutting_down,
+        }
+    }
+}
+
+/// Routes of the public listener.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource(WEBHOOK_PATH)
+            .route(web::post().to(receive))
+            .default_service(web::to(
+                |req: HttpRequest, ingress: web::Data<Ingress>| async move {
+                    answer_error(&req, &ingress, IngressError::MethodNotAllowed)
+                },
+            )),
+    )
+    .default_service(web::to(
+        |req: HttpRequest, ingress: web::Data<Ingress>| async move {
+            answer_error(&req, &ingress, IngressError::NotFound)
+        },
+    ));
+}
+
+fn answer_error(req: &HttpRequest, ingress: &Ingress, error: IngressError) -> HttpResponse {
+    ingress
+        .metrics
+        .webhooks
+        .with_label_values(&["none", error.code()])
+        .inc();
+    error.to_response(&RequestId::of(req))
+}
+
+/// The event as it came in and was checked, before the store.
+struct Verified<'a> {
+    envelope: Envelope<'a>,
+    key: String,
+}
+
+async fn receive(
+    req: HttpRequest,
+    payload: web::Payload,
+    ingress: web::Data<Ingress>,
+) -> HttpResponse {
+    let started = Instant::now();
+    let request_id = RequestId::of(&req);
+    let received_at = SystemTime::now();
+    let (event, result) = match read_body(&req, payload, ingress.max_body).await {
+        Ok(body) => handle(&req, &body, received_at, &ingress).await,
+        Err(e) => (None, Err(e)),
+    };
+    let response = match &result {
+        Ok((Stored::New { .. }, key)) => {
+            HttpResponse::Accepted().json(json!({ "status": "accepted", "id": key }))
+        }
+        Ok((Stored::Duplicate, key)) => {
+            HttpResponse::Ok().json(json!({ "status": "duplicate", "id": key }))
+        }
+        Err(e) => e.to_response(&request_id),
+    };
+    let outcome = match &result {
+        Ok((Stored::New { .. }, _)) => "accepted",
+        Ok((Stored::Duplicate, _)) => "duplicate",
+        Err(e) => e.code(),
+    };
+    let metrics = &ingress.metrics;
+    metrics
+        .webhooks
+        .with_label_values(&[event_label(event.as_deref()), outcome])
+        .inc();
+    metrics
+        .request_duration
+        .observe(started.elapsed().as_secs_f64());
+    if let Err(e) = &result {
+        tracing::info!(request_id = %request_id, code = e.code(), status = e.status().as_u16(), "webhook refused");
+    }
+    response
+}
+
+/// Everything after the body is read: returns the event type (once known) and the outcome.
+async fn handle(
+    req: &HttpRequest,
+    body: &[u8],
+    received_at: SystemTime,
+    ingress: &Ingress,
+) -> (Option<String>, Result<(Stored, String), IngressError>) {
+    let verified = match verify(req, body, received_at, ingress) {
+        Ok(v) => v,
+        Err((event, e)) => return (event, Err(e)),
+    };
+    let event = verified.envelope.event.to_string();
+    let age = received_at
+        .duration_since(SystemTime::from(verified.envelope.timestamp))
+        .unwrap_or_default();
+    ingress.metrics.event_age.observe(age.as_secs_f64());
+
+    if ingress.shutting_down.load(Ordering::Acquire) {
+        let e = unavailable("the service is shutting down".into(), RETRY_AFTER_BRIEF);
+        return (Some(event), Err(e));
+    }
+    let record = OutboxRecord {
+        key: verified.key,
+        event: event.clone(),
+        signature: header_str(req, signature::HEADER)
+            .unwrap_or_default()
+            .to_string(),
+        received_at_ms: unix_millis(received_at),
+        source: ingress.source.clone(),
+        body: body.to_vec(),
+    };
+    let commit_started = Instant::now();
+    let stored = ingress.store.accept(&record).await;
+    ingress
+        .metrics
+        .store_commit_duration
+        .observe(commit_started.elapsed().as_secs_f64());
+    let result = match stored {
+        Ok(stored) => Ok((stored, record.key)),
+        Err(StoreError::Full { capacity }) => Err(unavailable(
+            format!("the outbox is full ({capacity} events wait for the broker)"),
+            RETRY_AFTER_FULL,
+        )),
+        Err(e) => {
+            tracing::error!(error = %e, "store refused an event");
+            Err(unavailable(
+                "the event store cannot write".into(),
+                RETRY_AFTER_BRIEF,
+            ))
+        }
+    };
+    (Some(event), result)
+}
+
+/// The checks of the contract, in its order, on a body already read within the size limit.
+#[allow(clippy::result_large_err)]
+fn verify<'a>(
+    req: &HttpRequest,
+    body: &'a [u8],
+    received_at: SystemTime,
+    ingress: &Ingress,
+) -> Result<Verified<'a>, (Option<String>, IngressError)> {
+    let fail = |e| (None, e);
+    if let Some(encoding) = req.headers().get(CONTENT_ENCODING) {
+        let encoding = String::from_utf8_lossy(encoding.as_bytes())
+            .trim()
+            .to_ascii_lowercase();
+        if encoding != "identity" {
+            return Err(fail(IngressError::UnsupportedEncoding { encoding }));
+        }
+    }
+    let signature_headers: Vec<_> = req.headers().get_all(signature::HEADER).collect();
+    // Two signature headers are ambiguous (which one did the platform send?): refuse them.
+    let header = match signature_headers.as_slice() {
+        [] => None,
+        [one] => Some(one.as_bytes()),
+        _ => {
+            return Err(fail(IngressError::Signature(
+                signature::SignatureError::Malformed,
+            )))
+        }
+    };
+    let secret_index = signature::verify(&ingress.secrets, header, body)
+        .map_err(|e| fail(IngressError::Signature(e)))?;
+    ingress
+        .metrics
+        .signature_matches
+        .with_label_values(&[&secret_index.to_string()])
+        .inc();
+
+    let envelope = parse_envelope(body).map_err(|e| fail(IngressError::InvalidPayload(e)))?;
+    let event = Some(envelope.event.to_string());
+    let key = dedup_key(req, body, ingress.id_header.as_deref())
+        .map_err(|e| (event.clone(), IngressError::InvalidPayload(e)))?;
+    check_window(envelope.timestamp, received_at, ingress).map_err(|e| (event, e))?;
+    Ok(Verified { envelope, key })
+}
+
+fn check_window(
+    timestamp: OffsetDateTime,
+    received_at: SystemTime,
+    ingress: &Ingress,
+) -> Result<(), IngressError> {
+    let received = OffsetDateTime::from(received_at);
+    let too_old = timestamp < received - ingress.tolerance;
+    let too_new = timestamp > received + ingress.future_skew;
+    if !(too_old || too_new) {
+        return Ok(());
+    }
+    let format = |t: OffsetDateTime| t.format(&Rfc3339).unwrap_or_default();
+    Err(IngressError::TimestampOutOfTolerance {
+        details: json!({
+            "timestamp": format(timestamp),
+            "received_at": format(received),
+            "reason": if too_old { "too_old" } else { "in_the_future" },
+            "tolerance_seconds": ingress.tolerance.as_secs(),
+            "future_skew_seconds": ingress.future_skew.as_secs(),
+        }),
+    })
+}
+
+/// The delivery id header where configured and present; else the SHA-256 of the body.
+fn dedup_key(
+    req: &HttpRequest,
+    body: &[u8],
+    id_header: Option<&str>,
+) -> Result<String, PayloadError> {
+    if let Some(name) = id_header {
+        if let Some(value) = req.headers().get(name) {
+            let value = value.as_bytes();
+            let printable = value.iter().all(|b| (0x20..0x7f).contains(b));
+            if value.is_empty() || value.len() > MAX_ID_LEN || !printable {
+                return Err(PayloadError {
+                    field: "id_header",
+                    reason: format!(
+                        "the `{name}` header must be 1 to {MAX_ID_LEN} printable ASCII characters"
+                    ),
+                });
+            }
+            return Ok(String::from_utf8_lossy(value).into_owned());
+        }
+    }
+    Ok(hex::encode(Sha256::digest(body)))
+}
+
+/// Reads the body, refusing it as soon as it exceeds `limit`, whether or not a length was sent.
+async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<web::BytesMut, IngressError> {
+    let too_large = IngressError::PayloadTooLarge { limit };
+    let declared = header_str(req, CONTENT_LENGTH.as_str()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large);
+    }
+    let mut body = web::BytesMut::with_capacity(declared.map_or(8 * 1024, |n| n as usize));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| {
+            IngressError::InvalidPayload(PayloadError {
+                field: "body",
+                reason: format!("the body could not be read: {e}"),
+            })
+        })?;
+        if body.len() + chunk.len() > limit {
+            return Err(too_large);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+fn header_str<'r>(req: &'r HttpRequest, name: &str) -> Option<&'r str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+fn unavailable(reason: String, retry_after_seconds: u32) -> IngressError {
+    IngressError::Unavailable {
+        reason,
+        retry_after_seconds,
+    }
+}
+
+impl RequestId {
+    /// The request's id, as set by [`assign_request_id`].
+    pub fn of(req: &HttpRequest) -> String {
+        req.extensions()
+            .get::<RequestId>()
+            .map(|r| r.0.clone())
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,209 @@
+//! Prometheus metrics, one registry per running application (so tests never share counters).
+//!
+//! Names follow `kallina_relay_<name>_<unit>[_total]`; label values come from small fixed
+//! sets (event types fold into `other`, outcomes are error codes), never from ids or bodies.
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+use crate::store::StoreStats;
+
+/// The event types the platform documents; anything else is labelled `other`.
+pub const KNOWN_EVENTS: [&str; 4] = [
+    "call.started",
+    "call.ended",
+    "agent.action_completed",
+    "conversation.updated",
+];
+
+/// Bounded label for an event type: a known type, `other`, or `none` when the body never parsed.
+pub fn event_label(event: Option<&str>) -> &'static str {
+    match event {
+        None => "none",
+        Some(e) => KNOWN_EVENTS
+            .iter()
+            .find(|k| **k == e)
+            .copied()
+            .unwrap_or("other"),
+    }
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub webhooks: IntCounterVec,
+    pub request_duration: Histogram,
+    pub signature_matches: IntCounterVec,
+    pub store_commit_duration: Histogram,
+    pub event_age: Histogram,
+    outbox_events: IntGauge,
+    outbox_oldest_age: Gauge,
+    dedup_keys: IntGauge,
+    pub published: IntCounterVec,
+    pub publish_errors: IntCounterVec,
+    pub publish_confirm_duration: Histogram,
+    pub broker_connected: IntGauge,
+    pub delivery_lag: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let int_gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let fast = prometheus::exponential_buckets(0.000_1, 2.0, 16).expect("valid buckets");
+        let ages = vec![
+            0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 21_600.0, 86_400.0,
+        ];
+        let outbox_oldest_age = Gauge::new(
+            "kallina_relay_outbox_oldest_age_seconds",
+            "Age of the oldest event still waiting in the outbox",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(outbox_oldest_age.clone()))
+            .expect("unique metric");
+        let metrics = Self {
+            webhooks: counter(
+                "kallina_relay_webhooks_total",
+                "Webhook requests answered, by event type and outcome",
+                &["event", "outcome"],
+            ),
+            request_duration: histogram(
+                "kallina_relay_request_duration_seconds",
+                "Time to answer a webhook request",
+                fast.clone(),
+            ),
+            signature_matches: counter(
+                "kallina_relay_signature_matches_total",
+                "Verified requests by the position of the secret that matched (0 = first)",
+                &["secret"],
+            ),
+            store_commit_duration: histogram(
+                "kallina_relay_store_commit_duration_seconds",
+                "Time from the store transaction to its fsync, as a request waits for it",
+                fast.clone(),
+            ),
+            event_age: histogram(
+                "kallina_relay_event_age_seconds",
+                "Receive time minus the signed timestamp",
+                ages.clone(),
+            ),
+            outbox_events: int_gauge(
+                "kallina_relay_outbox_events",
+                "Events stored and not yet confirmed by the broker",
+            ),
+            outbox_oldest_age,
+            dedup_keys: int_gauge(
+                "kallina_relay_dedup_keys",
+                "Dedup keys kept for the retention period",
+            ),
+            published: counter(
+                "kallina_relay_published_total",
+                "Events confirmed by the broker, by event type",
+                &["event"],
+            ),
+            publish_errors: counter(
+                "kallina_relay_publish_errors_total",
+                "Failed publishes by reason: nack, returned, timeout, connection, channel",
+                &["reason"],
+            ),
+            publish_confirm_duration: histogram(
+                "kallina_relay_publish_confirm_duration_seconds",
+                "Time from publish to the broker's confirm",
+                fast,
+            ),
+            broker_connected: int_gauge(
+                "kallina_relay_broker_connected",
+                "1 while the relay has a broker connection",
+            ),
+            delivery_lag: histogram(
+                "kallina_relay_delivery_lag_seconds",
+                "Time from receiving an event to the broker's confirm",
+                vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 300.0,
+                    3600.0,
+                ],
+            ),
+            registry,
+        };
+        for event in KNOWN_EVENTS.iter().chain(&["other"]) {
+            metrics.published.with_label_values(&[event]);
+        }
+        for reason in ["nack", "returned", "timeout", "connection", "channel"] {
+            metrics.publish_errors.with_label_values(&[reason]);
+        }
+        metrics
+    }
+
+    /// The Prometheus text exposition, with the store gauges read fresh.
+    pub fn render(&self, store: &StoreStats) -> String {
+        self.outbox_events.set(store.outbox_events as i64);
+        self.outbox_oldest_age
+            .set(store.outbox_oldest_age.map_or(0.0, |d| d.as_secs_f64()));
+        self.dedup_keys.set(store.dedup_keys as i64);
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        String::from_utf8(out).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_events_fold_into_other() {
+        assert_eq!(event_label(Some("call.ended")), "call.ended");
+        assert_eq!(event_label(Some("call.exploded")), "other");
+        assert_eq!(event_label(None), "none");
+    }
+
+    #[test]
+    fn histograms_and_gauges_render() {
+        let m = Metrics::new();
+        m.webhooks
+            .with_label_values(&["call.ended", "accepted"])
+            .inc();
+        let text = m.render(&StoreStats {
+            outbox_events: 3,
+            outbox_capacity: 10,
+            outbox_oldest_age: None,
+            dedup_keys: 7,
+            writable: true,
+        });
+        assert!(text
+            .contains("kallina_relay_webhooks_total{event=\"call.ended\",outcome=\"accepted\"} 1"));
+        assert!(text.contains("kallina_relay_outbox_events 3"));
+        assert!(text.contains("kallina_relay_dedup_keys 7"));
+    }
+}

@@ -1,0 +1,40 @@
+//! What the relay knows about the broker, for `/readyz` and the logs.
+
+use std::sync::{Arc, RwLock};
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum BrokerState {
+    /// Not tried yet, or trying now.
+    Connecting,
+    /// Connected, topology declared, publishing.
+    Connected,
+    /// The last attempt failed; the relay retries with backoff.
+    Disconnected { reason: String },
+    /// A declaration clashes with what the broker has: an operator must act.
+    TopologyError { reason: String },
+    /// The relay has stopped (shutdown).
+    Stopped,
+}
+
+/// Shared, cheap-to-clone view of the broker state.
+#[derive(Debug, Clone)]
+pub struct BrokerStatus(Arc<RwLock<BrokerState>>);
+
+impl Default for BrokerStatus {
+    fn default() -> Self {
+        Self(Arc::new(RwLock::new(BrokerState::Connecting)))
+    }
+}
+
+impl BrokerStatus {
+    pub fn get(&self) -> BrokerState {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set(&self, state: BrokerState) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = state;
+    }
+}

@@ -1,0 +1,60 @@
+//! One shutdown signal, broadcast to every task.
+//!
+//! The application holds the [`ShutdownTrigger`]; each long-running task (the servers' stopper,
+//! the relay, the sweeper) holds a [`Shutdown`] and checks it at its await points, so that a
+//! stop request reaches everyone, and each task drains in its own way before returning.
+
+use tokio::sync::watch;
+
+/// Fires the shutdown; cheap to clone (the binary's signal handler and tests each hold one).
+#[derive(Clone, Debug)]
+pub struct ShutdownTrigger(watch::Sender<bool>);
+
+/// A task's view of the shutdown signal.
+#[derive(Clone, Debug)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+/// A new, untriggered signal.
+pub fn channel() -> (ShutdownTrigger, Shutdown) {
+    let (tx, rx) = watch::channel(false);
+    (ShutdownTrigger(tx), Shutdown(rx))
+}
+
+impl ShutdownTrigger {
+    pub fn trigger(&self) {
+        self.0.send_replace(true);
+    }
+
+    pub fn subscribe(&self) -> Shutdown {
+        Shutdown(self.0.subscribe())
+    }
+}
+
+impl Shutdown {
+    pub fn is_triggered(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once shutdown has been triggered (at once if it already was).
+    pub async fn recv(&mut self) {
+        // An error means every trigger is gone: nobody can stop us any more, so treat it as
+        // a stop too rather than waiting forever.
+        let _ = self.0.wait_for(|stop| *stop).await;
+    }
+}
+
+/// Waits for SIGTERM or SIGINT (Ctrl-C).
+pub async fn os_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,163 @@
+//! `X-Kallina-Signature: sha256=<hex HMAC-SHA256 of the raw body>`: make it, check it.
+//!
+//! The platform's own sample compares the strings with `===`, which leaks through timing how
+//! many leading characters matched. Here the hex is decoded first and the MAC compared with
+//! `verify_slice` (constant time), against each configured secret so that a rotation can run
+//! with the old and the new secret side by side. Upper-case hex is accepted as well.
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::config::Secret;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Name of the header the platform signs with.
+pub const HEADER: &str = "x-kallina-signature";
+const PREFIX: &str = "sha256=";
+const HEX_LEN: usize = 64;
+
+/// Why a request's signature was refused; each is one `details.reason` in the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureError {
+    #[error("the X-Kallina-Signature header is missing")]
+    Missing,
+    #[error("the signature header does not start with `sha256=`")]
+    WrongScheme,
+    #[error("the signature is not 64 hexadecimal digits")]
+    Malformed,
+    #[error("the signature does not match the body with any configured secret")]
+    Mismatch,
+}
+
+impl SignatureError {
+    /// Stable machine-readable reason for `details.reason`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Missing => "missing",
+            Self::WrongScheme => "wrong_scheme",
+            Self::Malformed => "malformed_digest",
+            Self::Mismatch => "mismatch",
+        }
+    }
+}
+
+/// The header value the platform would send for `body` signed with `secret`.
+pub fn sign(secret: &[u8], body: &[u8]) -> String {
+    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes keys of any length");
+    mac.update(body);
+    format!("{PREFIX}{}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Checks `header` against `body` with each secret in turn; returns the index of the secret
+/// that matched, so that operators can see when an old secret stops being used.
+pub fn verify(
+    secrets: &[Secret],
+    header: Option<&[u8]>,
+    body: &[u8],
+) -> Result<usize, SignatureError> {
+    let digest = parse_header(header.ok_or(SignatureError::Missing)?)?;
+    secrets
+        .iter()
+        .position(|secret| {
+            let mut mac = HmacSha256::new_from_slice(secret.expose().as_bytes())
+                .expect("HMAC takes keys of any length");
+            mac.update(body);
+            mac.verify_slice(&digest).is_ok()
+        })
+        .ok_or(SignatureError::Mismatch)
+}
+
+/// `sha256=` followed by exactly 64 hex digits, either case, nothing else (no spaces).
+pub fn parse_header(header: &[u8]) -> Result<[u8; 32], SignatureError> {
+    let hex_digits = header
+        .strip_prefix(PREFIX.as_bytes())
+        .ok_or(SignatureError::WrongScheme)?;
+    if hex_digits.len() != HEX_LEN {
+        return Err(SignatureError::Malformed);
+    }
+    let mut digest = [0u8; 32];
+    hex::decode_to_slice(hex_digits, &mut digest).map_err(|_| SignatureError::Malformed)?;
+    Ok(digest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secrets(list: &[&str]) -> Vec<Secret> {
+        list.iter().map(|s| Secret::new(*s)).collect()
+    }
+
+    #[test]
+    fn the_documented_github_vector_verifies() {
+        let header = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
+        assert_eq!(
+            sign(b"It's a Secret to Everybody", b"Hello, World!"),
+            header
+        );
+        let s = secrets(&["It's a Secret to Everybody"]);
+        assert_eq!(verify(&s, Some(header.as_bytes()), b"Hello, World!"), Ok(0));
+        let upper = format!("sha256={}", header[7..].to_ascii_uppercase());
+        assert_eq!(verify(&s, Some(upper.as_bytes()), b"Hello, World!"), Ok(0));
+    }
+
+    #[test]
+    fn rotation_reports_which_secret_matched() {
+        let body = br#"{"event":"call.ended"}"#;
+        let header = sign(b"old", body);
+        assert_eq!(
+            verify(&secrets(&["new", "old"]), Some(header.as_bytes()), body),
+            Ok(1)
+        );
+        assert_eq!(
+            verify(&secrets(&["new"]), Some(header.as_bytes()), body),
+            Err(SignatureError::Mismatch)
+        );
+    }
+
+    #[test]
+    fn every_malformed_header_has_its_own_reason() {
+        let s = secrets(&["k"]);
+        let cases: &[(&[u8], SignatureError)] = &[
+            (b"sha1=abcd", SignatureError::WrongScheme),
+            (
+                b"757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17",
+                SignatureError::WrongScheme,
+            ),
+            (b"sha256=", SignatureError::Malformed),
+            (b"sha256=757107ea", SignatureError::Malformed),
+            (
+                b"sha256=zz7107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17",
+                SignatureError::Malformed,
+            ),
+            (
+                b"sha256= 57107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17",
+                SignatureError::Malformed,
+            ),
+        ];
+        for (header, expected) in cases {
+            assert_eq!(
+                verify(&s, Some(header), b"x"),
+                Err(*expected),
+                "{:?}",
+                String::from_utf8_lossy(header)
+            );
+        }
+        assert_eq!(verify(&s, None, b"x"), Err(SignatureError::Missing));
+    }
+
+    #[test]
+    fn any_changed_byte_of_the_body_fails() {
+        let body = br#"{"event":"call.started","timestamp":"2025-01-23T10:30:00Z"}"#.to_vec();
+        let header = sign(b"k", &body);
+        for i in 0..body.len() {
+            let mut altered = body.clone();
+            altered[i] ^= 0x01;
+            assert_eq!(
+                verify(&secrets(&["k"]), Some(header.as_bytes()), &altered),
+                Err(SignatureError::Mismatch)
+            );
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! Wiring: builds every stage from [`Settings`], binds both listeners, and runs the whole until
+//! the shutdown signal, then stops the stages in the order that keeps the promises:
+//!
+//! 1. new webhook requests get 503 (`shutting_down`), the public listener stops accepting and
+//!    in-flight requests finish;
+//! 2. the relay stops publishing and waits (up to the grace period) for outstanding confirms;
+//! 3. the store flushes and closes; the admin listener stops last.
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use actix_web::dev::Server;
+use actix_web::middleware::from_fn;
+use actix_web::{web, App, HttpServer};
+use anyhow::Context;
+
+use crate::admin::{self, Admin};
+use crate::config::Settings;
+use crate::ingress::{self, assign_request_id, Ingress};
+use crate::metrics::Metrics;
+use crate::relay::{BrokerStatus, Relay, RelayOptions};
+use crate::shutdown::{self, Shutdown, ShutdownTrigger};
+use crate::store::{Store, StoreOptions};
+
+/// Body limit of the admin listener: it takes no bodies yet.
+const ADMIN_MAX_BODY: usize = 64 * 1024;
+
+/// A built, bound, not yet running service.
+pub struct Application {
+    public_port: u16,
+    admin_port: u16,
+    public: Server,
+    admin: Server,
+    store: Store,
+    relay: Relay,
+    settings: Settings,
+    shutting_down: Arc<AtomicBool>,
+    trigger: ShutdownTrigger,
+    shutdown: Shutdown,
+}
+
+impl Application {
+    /// Opens the store and binds both listeners (port 0 picks a free port: tests use that).
+    pub fn build(settings: Settings) -> anyhow::Result<Self> {
+        let store = Store::open(&StoreOptions {
+            data_dir: settings.data_dir.clone(),
+            cache_size: settings.cache_size,
+            outbox_max: settings.outbox_max,
+        })?;
+        let metrics = Metrics::new();
+        let broker = BrokerStatus::default();
+        let shutting_down = Arc::new(AtomicBool::new(false));
+        let (trigger, shutdown) = shutdown::channel();
+
+        let listener = TcpListener::bind(settings.listen).with_context(|| {
+            format!(
+                "cannot listen on {} (KALLINA_RELAY_LISTEN)",
+                settings.listen
+            )
+        })?;
+        let public_port = listener.local_addr()?.port();
+        let ingress = web::Data::new(Ingress::new(
+            &settings,
+            store.clone(),
+            metrics.clone(),
+            shutting_down.clone(),
+        ));
+        let public = HttpServer::new(move || {
+            App::new()
+                .wrap(from_fn(assign_request_id))
+                .app_data(ingress.clone())
+                .configure(ingress::routes)
+        })
+        .disable_signals()
+        .shutdown_timeout(settings.shutdown_grace.as_secs().max(1))
+        .listen(listener)?
+        .run();
+
+        let admin_listener = TcpListener::bind(settings.admin_listen).with_context(|| {
+            format!(
+                "cannot listen on {} (KALLINA_RELAY_ADMIN_LISTEN)",
+                settings.admin_listen
+            )
+        })?;
+        let admin_port = admin_listener.local_addr()?.port();
+        let admin_state = web::Data::new(Admin {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            broker: broker.clone(),
+            shutting_down: shutting_down.clone(),
+        });
+        let admin = HttpServer::new(move || {
+            App::new()
+                .app_data(admin_state.clone())
+                .app_data(web::PayloadConfig::new(ADMIN_MAX_BODY))
+                .configure(admin::routes)
+        })
+        .workers(1)
+        .disable_signals()
+        .shutdown_timeout(1)
+        .listen(admin_listener)?
+        .run();
+
+        let relay = Relay::new(
+            store.clone(),
+            RelayOptions::from_settings(&settings),
+            metrics,
+            broker,
+        );
+        Ok(Self {
+            public_port,
+            admin_port,
+            public,
+            admin,
+            store,
+            relay,
+            settings,
+            shutting_down,
+            trigger,
+            shutdown,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.public_port
+    }
+
+    pub fn admin_port(&self) -> u16 {
+        self.admin_port
+    }
+
+    /// Fires the shutdown (the binary connects it to SIGTERM/SIGINT; tests call it directly).
+    pub fn shutdown_trigger(&self) -> ShutdownTrigger {
+        self.trigger.clone()
+    }
+
+    /// Runs until the shutdown trigger fires or a listener fails, then stops in order.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let Self {
+            public,
+            admin,
+            store,
+            relay,
+            settings,
+            shutting_down,
+            trigger,
+            mut shutdown,
+            ..
+        } = self;
+        let public_handle = public.handle();
+        let admin_handle = admin.handle();
+        let mut public_task = tokio::spawn(public);
+        let admin_task = tokio::spawn(admin);
+        let relay_task = tokio::spawn(relay.run(shutdown.clone()));
+        let sweeper_task = tokio::spawn(sweep(store.clone(), settings.clone(), shutdown.clone()));
+        tracing::info!(settings = %settings.summary(), "kallina-relay serving");
+
+        let early_exit = tokio::select! {
+            _ = shutdown.recv() => None,
+            result = &mut public_task => Some(result),
+        };
+        tracing::info!("shutting down: finishing in-flight requests");
+        shutting_down.store(true, Ordering::Release);
+        trigger.trigger();
+        public_handle.stop(true).await;
+        let public_result = match early_exit {
+            Some(result) => result,
+            None => public_task.await,
+        };
+        let _ = relay_task.await;
+        let _ = sweeper_task.await;
+        let stats = store.stats();
+        store.close();
+        tracing::info!(
+            outbox_events = stats.outbox_events,
+            "store flushed and closed"
+        );
+        admin_handle.stop(true).await;
+        let _ = admin_task.await;
+        public_result
+            .context("the public listener task failed")?
+            .context("the public listener failed")?;
+        Ok(())
+    }
+}
+
+/// Expires dedup keys older than the retention, every `sweep_interval`.
+async fn sweep(store: Store, settings: Settings, mut shutdown: Shutdown) {
+    let mut tick = tokio::time::interval(settings.sweep_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.recv() => return,
+        }
+        let store = store.clone();
+        let retention = settings.dedup_retention;
+        match tokio::task::spawn_blocking(move || store.sweep_expired(retention)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(removed)) => tracing::info!(removed, "expired dedup keys swept"),
+            Ok(Err(e)) => tracing::error!(error = %e, "dedup sweep failed"),
+            Err(e) => tracing::error!(error = %e, "dedup sweep task failed"),
+        }
+    }
+}
