@@ -28,7 +28,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the webhook receiver and relay (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print the X-Kallina-Signature value for a file (or standard input), as the platform would.
     Sign(SignArgs),
 }

@@ -548,11 +548,15 @@ impl<'a> Field<'a> {
 /// The short human form used in messages: `24h 5m`, `90s`, `0s`.
 pub fn format_duration(d: Duration) -> String {
     let secs = d.as_secs();
-    let parts: Vec<String> = [(secs / 3600, "h"), (secs % 3600 / 60, "m"), (secs % 60, "s")]
-        .iter()
-        .filter(|(n, _)| *n > 0)
-        .map(|(n, unit)| format!("{n}{unit}"))
-        .collect();
+    let parts: Vec<String> = [
+        (secs / 3600, "h"),
+        (secs % 3600 / 60, "m"),
+        (secs % 60, "s"),
+    ]
+    .iter()
+    .filter(|(n, _)| *n > 0)
+    .map(|(n, unit)| format!("{n}{unit}"))
+    .collect();
     if parts.is_empty() {
         "0s".into()
     } else {

@@ -160,4 +160,28 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn vectors_made_by_the_platforms_node_sample_verify() {
+        let vectors: serde_json::Value =
+            serde_json::from_str(include_str!("../fixtures/signatures/node-vectors.json")).unwrap();
+        let vectors = vectors["vectors"].as_array().unwrap();
+        assert!(vectors.len() >= 4);
+        for v in vectors {
+            let (secret, body, header) = (
+                v["secret"].as_str().unwrap(),
+                v["body"].as_str().unwrap(),
+                v["signature"].as_str().unwrap(),
+            );
+            assert_eq!(sign(secret.as_bytes(), body.as_bytes()), header);
+            assert_eq!(
+                verify(
+                    &secrets(&[secret]),
+                    Some(header.as_bytes()),
+                    body.as_bytes()
+                ),
+                Ok(0)
+            );
+        }
+    }
 }

@@ -63,7 +63,10 @@ fn check_depth(body: &[u8]) -> Result<(), PayloadError> {
             b'{' | b'[' => {
                 depth += 1;
                 if depth > MAX_DEPTH {
-                    return Err(PayloadError::new("body", format!("the body is nested deeper than {MAX_DEPTH} levels")));
+                    return Err(PayloadError::new(
+                        "body",
+                        format!("the body is nested deeper than {MAX_DEPTH} levels"),
+                    ));
                 }
             }
             b'}' | b']' => depth = depth.saturating_sub(1),
@@ -81,6 +84,9 @@ pub fn parse(body: &[u8]) -> Result<Envelope<'_>, PayloadError> {
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(PayloadError::new("body", "the body must be a JSON object"));
     }
+    // serde_json skips unknown fields without checking their UTF-8; consumers parse it all.
+    std::str::from_utf8(body)
+        .map_err(|e| PayloadError::new("body", format!("the body is not valid UTF-8: {e}")))?;
     check_depth(body)?;
     let fields: Fields<'_> = serde_json::from_slice(body)
         .map_err(|e| PayloadError::new("body", format!("the body is not valid JSON: {e}")))?;

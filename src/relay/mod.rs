@@ -448,7 +448,7 @@ mod tests {
             let pause = backoff(failures);
             assert!(pause <= BACKOFF_CAP, "{failures}: {pause:?}");
             let ceiling = BACKOFF_FIRST
-                .saturating_mul(1 << failures.min(16) - 1)
+                .saturating_mul(1 << (failures.min(16) - 1))
                 .min(BACKOFF_CAP);
             assert!(pause >= ceiling / 2, "{failures}: {pause:?}");
         }

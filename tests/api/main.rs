@@ -1,0 +1,6 @@
+//! One integration-test binary (one link step, shared helpers): the receiver's endpoint table,
+//! and the relay against a real RabbitMQ.
+
+mod helpers;
+mod relay;
+mod webhook;

@@ -1,0 +1,633 @@
+//! The endpoint table of the contract, row by row, as the platform (or an attacker) sees it.
+
+use std::time::Duration;
+
+use kallina_relay::signature::sign;
+use serde_json::Value;
+
+use crate::helpers::*;
+
+async fn error_of(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let request_id = response
+        .headers()
+        .get("x-request-id")
+        .expect("every answer has X-Request-Id")
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body: Value = response.json().await.expect("error bodies are JSON");
+    assert_eq!(body["error"]["request_id"], request_id.as_str(), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    (status, body["error"].clone())
+}
+
+#[tokio::test]
+async fn a_new_event_is_accepted_and_a_resend_is_a_duplicate() {
+    let app = spawn_app(Config::default()).await;
+    let body = event_body("call.ended", "accept");
+    let response = app.post_signed(body.clone()).await;
+    assert_eq!(response.status().as_u16(), 202);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(
+        answer,
+        serde_json::json!({"status": "accepted", "id": sha256_hex(body.as_bytes())})
+    );
+
+    let response = app.post_signed(body.clone()).await;
+    assert_eq!(response.status().as_u16(), 200);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(
+        answer,
+        serde_json::json!({"status": "duplicate", "id": sha256_hex(body.as_bytes())})
+    );
+
+    assert_eq!(
+        app.outbox_depth().await,
+        1,
+        "the duplicate was not stored again"
+    );
+    let metrics = app.metrics().await;
+    assert!(
+        metrics
+            .contains(r#"kallina_relay_webhooks_total{event="call.ended",outcome="accepted"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains(r#"kallina_relay_webhooks_total{event="call.ended",outcome="duplicate"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"kallina_relay_signature_matches_total{secret="0"} 2"#),
+        "{metrics}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn every_fixture_event_is_accepted_including_unknown_types() {
+    let app = spawn_app(Config::default()).await;
+    let mut files: Vec<_> = std::fs::read_dir(fixtures_dir().join("events"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 5);
+    for file in &files {
+        let response = app.post_signed(fixture_with_fresh_timestamp(file)).await;
+        assert_eq!(response.status().as_u16(), 202, "{}", file.display());
+    }
+    let metrics = app.metrics().await;
+    assert!(
+        metrics.contains(r#"kallina_relay_webhooks_total{event="other",outcome="accepted"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(
+        r#"kallina_relay_webhooks_total{event="conversation.updated",outcome="accepted"} 1"#
+    ));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_refused_whether_or_not_its_length_is_declared() {
+    let app = spawn_app(Config::default().set("KALLINA_RELAY_MAX_BODY", "1KiB")).await;
+    let big = format!(
+        "{{\"event\":\"call.ended\",\"timestamp\":\"{}\",\"pad\":\"{}\"}}",
+        now_rfc3339(),
+        "x".repeat(2000)
+    );
+
+    let (status, error) = error_of(app.post_signed(big.clone()).await).await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (413, Some("payload_too_large"))
+    );
+    assert_eq!(error["details"]["limit_bytes"], 1024);
+
+    // Chunked, no Content-Length: refused once the limit is passed.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = big
+        .into_bytes()
+        .chunks(100)
+        .map(|c| Ok(c.to_vec()))
+        .collect();
+    let response = app
+        .client
+        .post(format!("{}/webhooks/kallina", app.address))
+        .header("X-Kallina-Signature", sign(SECRET.as_bytes(), b"whatever"))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .unwrap();
+    let (status, error) = error_of(response).await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (413, Some("payload_too_large"))
+    );
+    assert_eq!(app.outbox_depth().await, 0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn compressed_bodies_are_refused() {
+    let app = spawn_app(Config::default()).await;
+    let body = event_body("call.ended", "gzip");
+    let signature = sign(SECRET.as_bytes(), body.as_bytes());
+    let response = app
+        .post(
+            body.into_bytes(),
+            &[
+                ("X-Kallina-Signature", &signature),
+                ("Content-Encoding", "gzip"),
+            ],
+        )
+        .await;
+    let (status, error) = error_of(response).await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (415, Some("unsupported_encoding"))
+    );
+    assert_eq!(error["details"]["content_encoding"], "gzip");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn signature_failures_say_why() {
+    let app = spawn_app(Config::default()).await;
+    let body = event_body("call.ended", "sig");
+    let good = sign(SECRET.as_bytes(), body.as_bytes());
+
+    let (status, error) = error_of(app.post(body.clone().into_bytes(), &[]).await).await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (401, Some("missing_signature"))
+    );
+
+    let wrong_secret = sign(b"not-the-secret", body.as_bytes());
+    let cases = [
+        (wrong_secret.as_str(), "mismatch"),
+        ("sha1=0123", "wrong_scheme"),
+        ("sha256=abc", "malformed_digest"),
+        (&good[7..], "wrong_scheme"),
+    ];
+    for (header, reason) in cases {
+        let (status, error) = error_of(
+            app.post(
+                body.clone().into_bytes(),
+                &[("X-Kallina-Signature", header)],
+            )
+            .await,
+        )
+        .await;
+        assert_eq!(
+            (status, error["code"].as_str()),
+            (401, Some("invalid_signature")),
+            "{header}"
+        );
+        assert_eq!(error["details"]["reason"], reason, "{header}");
+    }
+
+    // Upper-case hex is the same signature.
+    let upper = format!("sha256={}", good[7..].to_ascii_uppercase());
+    assert_eq!(
+        app.post(
+            body.clone().into_bytes(),
+            &[("X-Kallina-Signature", &upper)]
+        )
+        .await
+        .status()
+        .as_u16(),
+        202
+    );
+
+    // Two signature headers are ambiguous, even if one is right.
+    let response = app
+        .post(
+            body.into_bytes(),
+            &[
+                ("X-Kallina-Signature", &good),
+                ("X-Kallina-Signature", &wrong_secret),
+            ],
+        )
+        .await;
+    let (status, _) = error_of(response).await;
+    assert_eq!(status, 401);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn each_hostile_fixture_gets_invalid_payload_naming_the_field() {
+    let app = spawn_app(Config::default()).await;
+    let hostile = fixtures_dir().join("hostile");
+    let expectations: serde_json::Map<String, Value> =
+        serde_json::from_slice(&std::fs::read(hostile.join("expectations.json")).unwrap()).unwrap();
+    assert!(expectations.len() >= 14);
+    for (file, field) in &expectations {
+        let body = std::fs::read(hostile.join(file)).unwrap();
+        let (status, error) = error_of(app.post_signed(body).await).await;
+        assert_eq!(
+            (status, error["code"].as_str()),
+            (400, Some("invalid_payload")),
+            "{file}: {error}"
+        );
+        assert_eq!(&error["details"]["field"], field, "{file}: {error}");
+    }
+    assert_eq!(app.outbox_depth().await, 0);
+    let metrics = app.metrics().await;
+    let line = format!(
+        "kallina_relay_webhooks_total{{event=\"none\",outcome=\"invalid_payload\"}} {}",
+        expectations.len()
+    );
+    assert!(metrics.contains(&line), "{metrics}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn timestamps_outside_the_window_are_refused_with_both_times() {
+    let app = spawn_app(Config::default()).await;
+    let now = time::OffsetDateTime::now_utc();
+    let format = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    for (timestamp, reason) in [
+        (now - time::Duration::hours(25), "too_old"),
+        (now + time::Duration::minutes(10), "in_the_future"),
+    ] {
+        let body = format!(
+            r#"{{"event":"call.ended","timestamp":"{}","data":{{}}}}"#,
+            format(timestamp)
+        );
+        let (status, error) = error_of(app.post_signed(body).await).await;
+        assert_eq!(
+            (status, error["code"].as_str()),
+            (400, Some("timestamp_out_of_tolerance"))
+        );
+        assert_eq!(error["details"]["reason"], reason);
+        assert_eq!(error["details"]["timestamp"], format(timestamp).as_str());
+        assert!(
+            error["details"]["received_at"].as_str().is_some(),
+            "{error}"
+        );
+    }
+    // Inside the window on both sides.
+    for timestamp in [
+        now - time::Duration::hours(23),
+        now + time::Duration::minutes(4),
+    ] {
+        let body = format!(
+            r#"{{"event":"call.ended","timestamp":"{}"}}"#,
+            format(timestamp)
+        );
+        assert_eq!(app.post_signed(body).await.status().as_u16(), 202);
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn other_methods_and_paths_get_405_and_404_in_the_error_shape() {
+    let app = spawn_app(Config::default()).await;
+    let response = app
+        .client
+        .get(format!("{}/webhooks/kallina", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers().get("allow").unwrap(), "POST");
+    let (status, error) = error_of(response).await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
+
+    let response = app
+        .client
+        .post(format!("{}/webhooks/other", app.address))
+        .send()
+        .await
+        .unwrap();
+    let (status, error) = error_of(response).await;
+    assert_eq!((status, error["code"].as_str()), (404, Some("not_found")));
+    assert!(response_has_no_server_header(&app).await);
+    app.stop().await;
+}
+
+async fn response_has_no_server_header(app: &TestApp) -> bool {
+    let response = app
+        .client
+        .get(format!("{}/", app.address))
+        .send()
+        .await
+        .unwrap();
+    response.headers().get("server").is_none()
+}
+
+#[tokio::test]
+async fn a_valid_request_id_is_echoed_and_others_are_replaced() {
+    let app = spawn_app(Config::default()).await;
+    let response = app
+        .post(b"{}".to_vec(), &[("X-Request-Id", "req_from_platform-1")])
+        .await;
+    assert_eq!(
+        response.headers().get("x-request-id").unwrap(),
+        "req_from_platform-1"
+    );
+    let (_, error) = error_of(response).await;
+    assert_eq!(error["request_id"], "req_from_platform-1");
+
+    let response = app
+        .post(b"{}".to_vec(), &[("X-Request-Id", "bad id with spaces")])
+        .await;
+    let id = response
+        .headers()
+        .get("x-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(id.starts_with("req_") && id.len() > 10, "{id}");
+    let accepted = app.post_signed(event_body("call.started", "rid")).await;
+    assert!(accepted.headers().get("x-request-id").is_some());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn during_a_rotation_both_secrets_verify_and_the_metric_shows_which() {
+    let app =
+        spawn_app(Config::default().set("KALLINA_WEBHOOK_SECRET", format!("new-secret,{SECRET}")))
+            .await;
+    let old = event_body("call.ended", "old");
+    assert_eq!(app.post_signed(old).await.status().as_u16(), 202);
+    let new = event_body("call.ended", "new");
+    let signature = sign(b"new-secret", new.as_bytes());
+    assert_eq!(
+        app.post(new.into_bytes(), &[("X-Kallina-Signature", &signature)])
+            .await
+            .status()
+            .as_u16(),
+        202
+    );
+    let metrics = app.metrics().await;
+    assert!(
+        metrics.contains(r#"kallina_relay_signature_matches_total{secret="0"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"kallina_relay_signature_matches_total{secret="1"} 1"#),
+        "{metrics}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn fifty_concurrent_identical_requests_store_exactly_one_event() {
+    let app = spawn_app(Config::default()).await;
+    let body = event_body("call.ended", "race");
+    let answers =
+        futures_util::future::join_all((0..50).map(|_| app.post_signed(body.clone()))).await;
+    let mut statuses: Vec<u16> = answers.iter().map(|r| r.status().as_u16()).collect();
+    statuses.sort();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 202).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        49,
+        "{statuses:?}"
+    );
+    assert_eq!(app.outbox_depth().await, 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_delivery_id_header_is_the_dedup_key_when_configured() {
+    let app =
+        spawn_app(Config::default().set("KALLINA_RELAY_ID_HEADER", "X-Kallina-Delivery")).await;
+    let first = event_body("call.ended", "d1");
+    let signature = sign(SECRET.as_bytes(), first.as_bytes());
+    let response = app
+        .post(
+            first.into_bytes(),
+            &[
+                ("X-Kallina-Signature", &signature),
+                ("X-Kallina-Delivery", "dlv_1"),
+            ],
+        )
+        .await;
+    assert_eq!(response.status().as_u16(), 202);
+    assert_eq!(response.json::<Value>().await.unwrap()["id"], "dlv_1");
+
+    // Different body, same delivery id: a duplicate.
+    let second = event_body("call.ended", "d2");
+    let signature = sign(SECRET.as_bytes(), second.as_bytes());
+    let response = app
+        .post(
+            second.clone().into_bytes(),
+            &[
+                ("X-Kallina-Signature", &signature),
+                ("X-Kallina-Delivery", "dlv_1"),
+            ],
+        )
+        .await;
+    assert_eq!(response.status().as_u16(), 200);
+
+    let too_long = "d".repeat(201);
+    let (status, error) = error_of(
+        app.post(
+            second.into_bytes(),
+            &[
+                ("X-Kallina-Signature", &signature),
+                ("X-Kallina-Delivery", &too_long),
+            ],
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (400, Some("invalid_payload"))
+    );
+    assert_eq!(error["details"]["field"], "id_header");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_full_outbox_answers_503_with_retry_after_and_readiness_drops() {
+    let app = spawn_app(Config::default().set("KALLINA_RELAY_OUTBOX_MAX", "2")).await;
+    assert_eq!(app.readyz().await.0, 200);
+    let first = event_body("call.ended", "f1");
+    assert_eq!(app.post_signed(first.clone()).await.status().as_u16(), 202);
+    assert_eq!(
+        app.post_signed(event_body("call.ended", "f2"))
+            .await
+            .status()
+            .as_u16(),
+        202
+    );
+
+    let response = app.post_signed(event_body("call.ended", "f3")).await;
+    let retry_after: u64 = response
+        .headers()
+        .get("retry-after")
+        .expect("Retry-After")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry_after > 0);
+    let (status, error) = error_of(response).await;
+    assert_eq!((status, error["code"].as_str()), (503, Some("unavailable")));
+
+    // A retry of something already stored is still answered: it needs no room.
+    assert_eq!(app.post_signed(first).await.status().as_u16(), 200);
+    let (status, ready) = app.readyz().await;
+    assert_eq!(status, 503);
+    assert_eq!(ready["store"]["outbox_events"], 2);
+    assert_eq!(ready["status"], "not_ready");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn dedup_survives_a_restart() {
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let data_dir = dir.path().join("data");
+    let names = Names::random();
+    let body = event_body("call.ended", "restart");
+    let app = spawn_app_at(
+        Config::default(),
+        &data_dir,
+        names.clone(),
+        Some(dir.clone()),
+    )
+    .await;
+    assert_eq!(app.post_signed(body.clone()).await.status().as_u16(), 202);
+    app.stop().await;
+
+    let app = spawn_app_at(Config::default(), &data_dir, names, Some(dir)).await;
+    assert_eq!(app.post_signed(body).await.status().as_u16(), 200);
+    assert_eq!(app.outbox_depth().await, 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_sweeper_forgets_keys_after_the_retention() {
+    let app = spawn_app(
+        Config::default()
+            .set("KALLINA_RELAY_TOLERANCE", "1s")
+            .set("KALLINA_RELAY_FUTURE_SKEW", "1s")
+            .set("KALLINA_RELAY_DEDUP_RETENTION", "2s")
+            .set("KALLINA_RELAY_SWEEP_INTERVAL", "1s")
+            .set("KALLINA_RELAY_ID_HEADER", "X-Kallina-Delivery"),
+    )
+    .await;
+    let post = |marker: &'static str| {
+        let body = event_body("call.ended", marker);
+        let signature = sign(SECRET.as_bytes(), body.as_bytes());
+        let app = &app;
+        async move {
+            app.post(
+                body.into_bytes(),
+                &[
+                    ("X-Kallina-Signature", &signature),
+                    ("X-Kallina-Delivery", "dlv_sweep"),
+                ],
+            )
+            .await
+            .status()
+            .as_u16()
+        }
+    };
+    assert_eq!(post("a").await, 202);
+    assert_eq!(post("b").await, 200);
+    wait_until(
+        Duration::from_secs(15),
+        "the sweeper to expire the key",
+        || async { app.readyz().await.1["store"]["dedup_keys"] == 0 },
+    )
+    .await;
+    assert!(app.metrics().await.contains("kallina_relay_dedup_keys 0"));
+    // The key is forgotten: the same delivery id is new again.
+    assert_eq!(post("c").await, 202);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_process_on_the_same_data_directory_is_refused() {
+    let app = spawn_app(Config::default()).await;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kallina-relay"))
+        .env_clear()
+        .env("KALLINA_WEBHOOK_SECRET", SECRET)
+        .env("KALLINA_RELAY_DATA_DIR", &app.data_dir)
+        .env("KALLINA_RELAY_LISTEN", "127.0.0.1:0")
+        .env("KALLINA_RELAY_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("KALLINA_RELAY_LOG_FORMAT", "json")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("in use by another kallina-relay process"),
+        "{stderr}"
+    );
+    assert_eq!(
+        app.post_signed(event_body("call.ended", "still"))
+            .await
+            .status()
+            .as_u16(),
+        202
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_bad_setting_stops_the_start_with_one_clear_line() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kallina-relay"))
+        .env_clear()
+        .env("KALLINA_WEBHOOK_SECRET", "do-not-print-me")
+        .env("KALLINA_RELAY_DEDUP_RETENTION", "1h")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("KALLINA_RELAY_DEDUP_RETENTION"), "{stderr}");
+    assert!(!stderr.contains("do-not-print-me"));
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kallina-relay"))
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("KALLINA_WEBHOOK_SECRET"));
+}
+
+#[tokio::test]
+async fn the_sign_command_prints_what_the_platform_sends() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("body");
+    std::fs::write(&file, "Hello, World!").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kallina-relay"))
+        .args([
+            "sign",
+            file.to_str().unwrap(),
+            "--secret",
+            "It's a Secret to Everybody",
+        ])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
+    );
+}
