@@ -670,6 +670,28 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_in_deploy_is_valid() {
+        let mut l = layers(&[("KALLINA_WEBHOOK_SECRET", "s")]);
+        let text = include_str!("../deploy/kallina-relay.example.toml");
+        l.file = Some(("kallina-relay.example.toml".into(), text.into()));
+        let s = Settings::load(&l).unwrap();
+        assert_eq!(s.source, "kallina-relay-eu-1");
+        assert_eq!(s.queues.len(), 2);
+        assert_eq!(s.queues[0].queue_type, QueueType::Quorum);
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_refused() {
+        let mut l = layers(&[("KALLINA_WEBHOOK_SECRET", "s")]);
+        l.file = Some(("f.toml".into(), "listne = \"127.0.0.1:1\"\n".into()));
+        let err = Settings::load(&l).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown setting `listne`"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn a_bad_value_names_the_setting_the_value_and_what_is_expected() {
         let err = Settings::load(&layers(&[
             ("KALLINA_WEBHOOK_SECRET", "s"),
