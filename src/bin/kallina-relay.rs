@@ -2,6 +2,11 @@
 
 use std::process::ExitCode;
 
+// sled allocates for every node it rewrites; glibc's malloc showed as the hottest symbol of the
+// store writer under load, mimalloc took a measured share of that back.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 use kallina_relay::cli::{self, Cli, Command, ServeArgs};
 use kallina_relay::startup::Application;

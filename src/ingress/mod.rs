@@ -120,7 +120,7 @@ async fn receive(
         Err(e) => (None, Err(e)),
     };
     let response = match &result {
-        Ok((Stored::New { .. }, key)) => {
+        Ok((Stored::New, key)) => {
             HttpResponse::Accepted().json(json!({ "status": "accepted", "id": key }))
         }
         Ok((Stored::Duplicate, key)) => {
@@ -129,7 +129,7 @@ async fn receive(
         Err(e) => e.to_response(&request_id),
     };
     let outcome = match &result {
-        Ok((Stored::New { .. }, _)) => "accepted",
+        Ok((Stored::New, _)) => "accepted",
         Ok((Stored::Duplicate, _)) => "duplicate",
         Err(e) => e.code(),
     };
@@ -179,13 +179,14 @@ async fn handle(
         body: body.to_vec(),
     };
     let commit_started = Instant::now();
-    let stored = ingress.store.accept(&record).await;
+    let key = record.key.clone();
+    let stored = ingress.store.accept(record).await;
     ingress
         .metrics
         .store_commit_duration
         .observe(commit_started.elapsed().as_secs_f64());
     let result = match stored {
-        Ok(stored) => Ok((stored, record.key)),
+        Ok(stored) => Ok((stored, key)),
         Err(StoreError::Full { capacity }) => Err(unavailable(
             format!("the outbox is full ({capacity} events wait for the broker)"),
             RETRY_AFTER_FULL,

@@ -2,36 +2,33 @@
 //!
 //! Trees:
 //! - `dedup`: dedup key → (receive time, outbox sequence number). Answers "seen before?".
-//! - `dedup_by_time`: receive time ‖ key → (). Lets the sweeper expire keys by range scan.
+//! - `dedup_by_time`: (newest receive time ‖ first sequence number) of a written batch → the
+//!   keys it wrote. One entry per batch, not per event; the sweeper expires keys by range scan.
 //! - `outbox`: sequence number (big-endian) → [`OutboxRecord`]. The relay reads it in order
 //!   and deletes what the broker confirmed.
 //!
 //! A new event writes its dedup key, time-index entry and outbox record in **one sled
-//! transaction**, so there is never a dedup key without its event. Commits are serialised by a
-//! short lock so that sequence numbers become visible in order: the relay can then read the
-//! outbox as a log. The answer waits for the [group-commit flusher](flusher) to make the
-//! write durable; a duplicate waits for the original's write too, so no 2xx ever stands on
-//! memory alone.
+//! transaction**, so there is never a dedup key without its event. All writes go through one
+//! [writer thread](writer), which commits whatever is waiting as one batch, makes it durable
+//! with one flush + fdatasync, and only then answers: a 2xx never stands on memory alone. The
+//! writer assigns sequence numbers in commit order, so the relay can read the outbox as a log.
+//! A duplicate whose original is already durable is answered without the writer.
 
-mod flusher;
 mod record;
+mod writer;
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::Transactional;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
-pub use flusher::Durability;
 pub use record::{OutboxRecord, RecordError};
 
-use flusher::{Nudge, Shared};
+use writer::{Job, Shared};
 
 /// Why the store could not take or give an event.
 #[derive(Debug, thiserror::Error)]
@@ -54,10 +51,10 @@ pub enum StoreError {
 }
 
 /// How a new event was taken.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stored {
     /// First time this key was seen: the event is durably in the outbox.
-    New { seq: u64 },
+    New,
     /// The key was seen before (within retention); nothing was written.
     Duplicate,
 }
@@ -85,6 +82,41 @@ impl DedupEntry {
     }
 }
 
+/// Key of a `dedup_by_time` entry: big-endian, so that byte order is time order.
+struct TimeIndexKey {
+    newest_received_at_ms: u64,
+    first_seq: u64,
+}
+
+impl TimeIndexKey {
+    fn encode(&self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        out[..8].copy_from_slice(&self.newest_received_at_ms.to_be_bytes());
+        out[8..].copy_from_slice(&self.first_seq.to_be_bytes());
+        out
+    }
+}
+
+/// A batch's keys as one value: each key prefixed by its length (keys are ≤ 255 bytes).
+fn encode_keys<'a>(keys: impl Iterator<Item = &'a str>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for key in keys {
+        let len = u8::try_from(key.len()).expect("dedup keys are at most 200 bytes");
+        out.push(len);
+        out.extend_from_slice(key.as_bytes());
+    }
+    out
+}
+
+fn decode_keys(mut bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || {
+        let (&len, rest) = bytes.split_first()?;
+        let (key, rest) = rest.split_at_checked(len as usize)?;
+        bytes = rest;
+        Some(key)
+    })
+}
+
 /// What the store has now, for `/readyz` and the metrics.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoreStats {
@@ -103,16 +135,8 @@ pub struct Store {
 
 struct Inner {
     shared: Arc<Shared>,
-    dedup: sled::Tree,
-    dedup_by_time: sled::Tree,
-    outbox: sled::Tree,
-    /// Serialises commits so that outbox sequence numbers are committed in order.
-    commit_lock: Mutex<()>,
-    outbox_len: AtomicU64,
-    dedup_len: AtomicU64,
-    outbox_max: u64,
-    nudge: SyncSender<Nudge>,
-    flusher: Mutex<Option<JoinHandle<()>>>,
+    jobs: mpsc::Sender<Job>,
+    writer: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// How to open the store.
@@ -146,120 +170,62 @@ impl Store {
         let dedup = db.open_tree("dedup")?;
         let dedup_by_time = db.open_tree("dedup_by_time")?;
         let outbox = db.open_tree("outbox")?;
-        // Everything recovered at open is already on disk; new numbers start above it.
-        let recovered = db.generate_id()?;
-        let (durability, _) = watch::channel(Durability {
-            durable: recovered,
-            failed: None,
-        });
+        // Everything recovered at open is on disk already; new numbers are above it.
+        let (durable, _) = watch::channel(db.generate_id()?);
         let shared = Arc::new(Shared {
-            db: db.clone(),
-            log_file,
-            committed: AtomicU64::new(recovered),
-            writable: true.into(),
-            durability,
-            last_batch_micros: AtomicU64::new(0),
-        });
-        let (nudge, nudges) = sync_channel(1);
-        let flusher = {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name("store-flusher".into())
-                .spawn(move || flusher::run(shared, nudges))
-                .map_err(|e| StoreError::Unwritable(format!("cannot start the flusher: {e}")))?
-        };
-        let inner = Inner {
             outbox_len: AtomicU64::new(outbox.len() as u64),
             dedup_len: AtomicU64::new(dedup.len() as u64),
-            shared,
+            db,
             dedup,
             dedup_by_time,
             outbox,
-            commit_lock: Mutex::new(()),
             outbox_max: options.outbox_max,
-            nudge,
-            flusher: Mutex::new(Some(flusher)),
+            durable,
+            writable: true.into(),
+            last_flush_micros: AtomicU64::new(0),
+        });
+        let (jobs, queue) = mpsc::channel(4 * writer::MAX_BATCH);
+        let writer = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("store-writer".into())
+                .spawn(move || writer::run(shared, log_file, queue))
+                .map_err(|e| StoreError::Unwritable(format!("cannot start the writer: {e}")))?
         };
         Ok(Self {
-            inner: Arc::new(inner),
+            inner: Arc::new(Inner {
+                shared,
+                jobs,
+                writer: Mutex::new(Some(writer)),
+            }),
         })
     }
 
     /// Stores `record` under its dedup key, once, and returns when that is durable.
-    pub async fn accept(&self, record: &OutboxRecord) -> Result<Stored, StoreError> {
-        let (stored, wait_for) = self.commit(record)?;
-        if let Stored::New { .. } = stored {
-            // A full channel means a flush is already due: it will cover this write too.
-            let _ = self.inner.nudge.try_send(Nudge::Flush);
-        }
-        self.wait_durable(wait_for).await?;
-        Ok(stored)
-    }
-
-    fn commit(&self, record: &OutboxRecord) -> Result<(Stored, u64), StoreError> {
-        let inner = &*self.inner;
-        let key = record.key.as_bytes();
-        let encoded = record.encode();
-        let mut time_key = record.received_at_ms.to_be_bytes().to_vec();
-        time_key.extend_from_slice(key);
-
-        let _order = inner.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let seq = inner.shared.db.generate_id()?;
-        let entry = DedupEntry {
-            received_at_ms: record.received_at_ms,
-            seq,
-        };
-        let outcome = (&inner.dedup, &inner.dedup_by_time, &inner.outbox).transaction(
-            |(dedup, by_time, outbox)| {
-                if let Some(existing) = dedup.get(key)? {
-                    return Ok(Err(DedupEntry::decode(&existing).map_or(0, |e| e.seq)));
-                }
-                if inner.outbox_len.load(Ordering::Relaxed) >= inner.outbox_max {
-                    return Err(ConflictableTransactionError::Abort(()));
-                }
-                dedup.insert(key, &entry.encode()[..])?;
-                by_time.insert(time_key.as_slice(), &[][..])?;
-                outbox.insert(&seq.to_be_bytes()[..], encoded.as_slice())?;
-                Ok(Ok(()))
-            },
-        );
-        match outcome {
-            Ok(Ok(())) => {
-                inner.outbox_len.fetch_add(1, Ordering::Relaxed);
-                inner.dedup_len.fetch_add(1, Ordering::Relaxed);
-                inner.shared.committed.store(seq, Ordering::Release);
-                Ok((Stored::New { seq }, seq))
+    pub async fn accept(&self, record: OutboxRecord) -> Result<Stored, StoreError> {
+        let shared = &self.inner.shared;
+        // Fast path for retries: the original is already on disk, nothing to write or wait for.
+        if let Some(entry) = shared
+            .dedup
+            .get(record.key.as_bytes())?
+            .and_then(|v| DedupEntry::decode(&v))
+        {
+            if entry.seq <= *shared.durable.borrow() && shared.writable.load(Ordering::Acquire) {
+                return Ok(Stored::Duplicate);
             }
-            Ok(Err(original_seq)) => Ok((Stored::Duplicate, original_seq)),
-            Err(TransactionError::Abort(())) => Err(StoreError::Full {
-                capacity: inner.outbox_max,
-            }),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
         }
-    }
-
-    /// Waits until the write numbered `seq` is on disk (at once if it already is).
-    async fn wait_durable(&self, seq: u64) -> Result<(), StoreError> {
-        let mut rx = self.inner.shared.durability.subscribe();
-        let state = rx
-            .wait_for(|d| d.durable >= seq || d.failed.as_ref().is_some_and(|f| f.0 >= seq))
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .jobs
+            .send(Job::Accept { record, reply })
             .await
             .map_err(|_| StoreError::Closed)?;
-        if state.durable >= seq {
-            Ok(())
-        } else {
-            let reason = state
-                .failed
-                .as_ref()
-                .map(|f| f.1.to_string())
-                .unwrap_or_default();
-            Err(StoreError::Unwritable(reason))
-        }
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Changes whenever more of the outbox becomes durable: the relay's wake-up call.
-    pub fn durability(&self) -> watch::Receiver<Durability> {
-        self.inner.shared.durability.subscribe()
+    pub fn durability(&self) -> watch::Receiver<u64> {
+        self.inner.shared.durable.subscribe()
     }
 
     /// Up to `limit` durable outbox records with sequence numbers above `after`, oldest first.
@@ -268,12 +234,13 @@ impl Store {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<(u64, OutboxRecord)>, StoreError> {
-        let durable = self.inner.shared.durability.borrow().durable;
+        let durable = *self.inner.shared.durable.borrow();
         let start = after.map_or(0, |a| a.saturating_add(1));
         if start > durable {
             return Ok(Vec::new());
         }
         self.inner
+            .shared
             .outbox
             .range(start.to_be_bytes()..=durable.to_be_bytes())
             .take(limit)
@@ -297,8 +264,9 @@ impl Store {
         for seq in seqs {
             batch.remove(&seq.to_be_bytes()[..]);
         }
-        self.inner.outbox.apply_batch(batch)?;
+        self.inner.shared.outbox.apply_batch(batch)?;
         self.inner
+            .shared
             .outbox_len
             .fetch_sub(seqs.len() as u64, Ordering::Relaxed);
         Ok(())
@@ -307,26 +275,26 @@ impl Store {
     /// Deletes dedup keys first received before `now - retention`; returns how many.
     pub fn sweep_expired(&self, retention: Duration) -> Result<u64, StoreError> {
         let cutoff_ms = unix_millis(SystemTime::now()).saturating_sub(retention.as_millis() as u64);
-        let inner = &*self.inner;
+        let inner = &*self.inner.shared;
         let mut removed = 0;
+        // Batches whose newest event is older than the cutoff hold only expired keys.
+        let end = TimeIndexKey {
+            newest_received_at_ms: cutoff_ms,
+            first_seq: 0,
+        }
+        .encode();
         loop {
-            let batch: Vec<sled::IVec> = inner
-                .dedup_by_time
-                .range(..cutoff_ms.to_be_bytes().to_vec())
-                .keys()
-                .take(1000)
-                .collect::<Result<_, _>>()?;
-            if batch.is_empty() {
+            let Some((index_key, keys)) =
+                inner.dedup_by_time.range(..&end[..]).next().transpose()?
+            else {
                 return Ok(removed);
-            }
-            for time_key in &batch {
-                let (time, key) = time_key.split_at(8);
-                let received_at_ms = u64::from_be_bytes(time.try_into().expect("8 bytes"));
-                // Remove the key only if it is still the entry this index line describes.
+            };
+            for key in decode_keys(&keys) {
+                // Remove the key only if it is still this old entry (not received again since).
                 if let Some(current) = inner.dedup.get(key)? {
-                    let matches = DedupEntry::decode(&current)
-                        .is_some_and(|e| e.received_at_ms == received_at_ms);
-                    if matches
+                    let expired =
+                        DedupEntry::decode(&current).is_some_and(|e| e.received_at_ms < cutoff_ms);
+                    if expired
                         && inner
                             .dedup
                             .compare_and_swap(key, Some(&current), None as Option<&[u8]>)?
@@ -336,13 +304,13 @@ impl Store {
                         removed += 1;
                     }
                 }
-                inner.dedup_by_time.remove(time_key)?;
             }
+            inner.dedup_by_time.remove(index_key)?;
         }
     }
 
     pub fn stats(&self) -> StoreStats {
-        let inner = &*self.inner;
+        let inner = &*self.inner.shared;
         let oldest = inner
             .outbox
             .first()
@@ -358,25 +326,30 @@ impl Store {
             outbox_capacity: inner.outbox_max,
             outbox_oldest_age: oldest,
             dedup_keys: inner.dedup_len.load(Ordering::Relaxed),
-            writable: inner.shared.writable.load(Ordering::Acquire),
+            writable: inner.writable.load(Ordering::Acquire),
         }
     }
 
-    /// Duration of the most recent flush batch (flush + fdatasync).
+    /// Duration of the most recent flush (flush + fdatasync).
     pub fn last_flush_duration(&self) -> Duration {
-        Duration::from_micros(self.inner.shared.last_batch_micros.load(Ordering::Relaxed))
+        Duration::from_micros(self.inner.shared.last_flush_micros.load(Ordering::Relaxed))
     }
 
-    /// Makes everything durable and stops the flusher. Later `accept` calls fail.
+    /// Answers what is queued, makes everything durable and stops the writer. Later `accept`
+    /// calls fail with [`StoreError::Closed`].
     pub fn close(&self) {
-        let handle = self
-            .inner
-            .flusher
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        self.inner.stop_writer();
+    }
+}
+
+impl Inner {
+    fn stop_writer(&self) {
+        let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(handle) = handle {
-            let _ = self.inner.nudge.send(Nudge::Stop);
+            // A full queue drains within a batch or two: keep offering the stop until it fits.
+            while let Err(mpsc::error::TrySendError::Full(_)) = self.jobs.try_send(Job::Stop) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
             let _ = handle.join();
         }
     }
@@ -384,15 +357,7 @@ impl Store {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Some(handle) = self
-            .flusher
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            let _ = self.nudge.send(Nudge::Stop);
-            let _ = handle.join();
-        }
+        self.stop_writer();
     }
 }
 
@@ -429,22 +394,33 @@ mod tests {
         }
     }
 
+    #[test]
+    fn batch_key_lists_round_trip() {
+        let keys = ["a", "", &"k".repeat(200)];
+        let encoded = encode_keys(keys.iter().copied());
+        let decoded: Vec<&[u8]> = decode_keys(&encoded).collect();
+        assert_eq!(
+            decoded,
+            keys.iter().map(|k| k.as_bytes()).collect::<Vec<_>>()
+        );
+    }
+
     #[tokio::test]
     async fn a_key_is_stored_once_and_read_back_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&options(dir.path(), 10)).unwrap();
         let now = unix_millis(SystemTime::now());
         assert!(matches!(
-            store.accept(&record("a", now)).await.unwrap(),
-            Stored::New { .. }
+            store.accept(record("a", now)).await.unwrap(),
+            Stored::New
         ));
         assert_eq!(
-            store.accept(&record("a", now)).await.unwrap(),
+            store.accept(record("a", now)).await.unwrap(),
             Stored::Duplicate
         );
         assert!(matches!(
-            store.accept(&record("b", now)).await.unwrap(),
-            Stored::New { .. }
+            store.accept(record("b", now)).await.unwrap(),
+            Stored::New
         ));
         let pending = store.outbox_after(None, 10).unwrap();
         let keys: Vec<_> = pending.iter().map(|(_, r)| r.key.as_str()).collect();
@@ -460,13 +436,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&options(dir.path(), 1)).unwrap();
         let now = unix_millis(SystemTime::now());
-        store.accept(&record("a", now)).await.unwrap();
+        store.accept(record("a", now)).await.unwrap();
         assert!(matches!(
-            store.accept(&record("b", now)).await,
+            store.accept(record("b", now)).await,
             Err(StoreError::Full { capacity: 1 })
         ));
         assert_eq!(
-            store.accept(&record("a", now)).await.unwrap(),
+            store.accept(record("a", now)).await.unwrap(),
             Stored::Duplicate
         );
     }
@@ -476,16 +452,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&options(dir.path(), 10)).unwrap();
         let now = unix_millis(SystemTime::now());
-        store.accept(&record("old", now - 3_600_000)).await.unwrap();
-        store.accept(&record("new", now)).await.unwrap();
+        store.accept(record("old", now - 3_600_000)).await.unwrap();
+        store.accept(record("new", now)).await.unwrap();
         assert_eq!(store.sweep_expired(Duration::from_secs(60)).unwrap(), 1);
         assert_eq!(store.stats().dedup_keys, 1);
         assert!(matches!(
-            store.accept(&record("old", now)).await.unwrap(),
-            Stored::New { .. }
+            store.accept(record("old", now)).await.unwrap(),
+            Stored::New
         ));
         assert_eq!(
-            store.accept(&record("new", now)).await.unwrap(),
+            store.accept(record("new", now)).await.unwrap(),
             Stored::Duplicate
         );
     }
@@ -496,7 +472,7 @@ mod tests {
         let now = unix_millis(SystemTime::now());
         {
             let store = Store::open(&options(dir.path(), 10)).unwrap();
-            store.accept(&record("a", now)).await.unwrap();
+            store.accept(record("a", now)).await.unwrap();
             assert!(matches!(
                 Store::open(&options(dir.path(), 10)),
                 Err(StoreError::Locked(_))
@@ -505,13 +481,13 @@ mod tests {
         }
         let store = Store::open(&options(dir.path(), 10)).unwrap();
         assert_eq!(
-            store.accept(&record("a", now)).await.unwrap(),
+            store.accept(record("a", now)).await.unwrap(),
             Stored::Duplicate
         );
         assert_eq!(store.stats().outbox_events, 1);
         assert!(matches!(
-            store.accept(&record("b", now)).await.unwrap(),
-            Stored::New { .. }
+            store.accept(record("b", now)).await.unwrap(),
+            Stored::New
         ));
         assert_eq!(store.outbox_after(None, 10).unwrap().len(), 2);
     }
