@@ -17,10 +17,12 @@ end
 
 local counter = 0
 local headers = { ["Content-Type"] = "application/json", ["X-Kallina-Signature"] = signature }
-local static_request = wrk.format("POST", "/webhooks/kallina", headers, body)
+-- Built on first use, not at load: wrk fills in the Host header only once the thread runs.
+local static_request = nil
 
 function request()
   if not unique then
+    static_request = static_request or wrk.format("POST", "/webhooks/kallina", headers, body)
     return static_request
   end
   counter = counter + 1

@@ -37,6 +37,8 @@ use crate::store::{unix_millis, OutboxRecord, Store};
 
 /// How long a nacked or returned message waits before it is published again.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// Outbox records read at once into the relay's read-ahead buffer.
+const READ_AHEAD: usize = 1024;
 /// Confirmed sequence numbers are deleted from the outbox in batches of up to this many.
 const DELETE_BATCH: usize = 256;
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
@@ -217,9 +219,11 @@ impl Relay {
         let mut confirmed: Vec<u64> = Vec::new();
         let mut retry: VecDeque<(Instant, u64, OutboxRecord)> = VecDeque::new();
         let mut cursor: Option<u64> = None;
+        let mut read_ahead: VecDeque<(u64, OutboxRecord)> = VecDeque::new();
 
         let result = loop {
-            // Fill the window: due retries first, then the outbox in order.
+            // Fill the window: due retries first, then the outbox in order, read ahead in
+            // chunks so that a full window does not cost one outbox scan per publish.
             while pending.len() < self.options.window {
                 let next = match retry.front() {
                     Some((due, _, _)) if *due <= Instant::now() => {
@@ -227,24 +231,22 @@ impl Relay {
                     }
                     _ => None,
                 };
-                let batch = match next {
-                    Some(item) => vec![item],
+                let next = match next {
+                    Some(item) => item,
                     None => {
-                        let batch = self
-                            .store
-                            .outbox_after(cursor, self.options.window - pending.len())?;
-                        if let Some((last, _)) = batch.last() {
-                            cursor = Some(*last);
+                        if read_ahead.is_empty() {
+                            read_ahead.extend(self.store.outbox_after(cursor, READ_AHEAD)?);
+                            if let Some((last, _)) = read_ahead.back() {
+                                cursor = Some(*last);
+                            }
                         }
-                        batch
+                        match read_ahead.pop_front() {
+                            Some(item) => item,
+                            None => break,
+                        }
                     }
                 };
-                if batch.is_empty() {
-                    break;
-                }
-                for (seq, record) in batch {
-                    pending.push_back(self.publish(&channel, seq, record).await?);
-                }
+                pending.push_back(self.publish(&channel, next.0, next.1).await?);
             }
             if confirmed.len() >= DELETE_BATCH || (pending.is_empty() && !confirmed.is_empty()) {
                 self.store.remove_published(&confirmed)?;

@@ -26,7 +26,10 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{encode_keys, DedupEntry, OutboxRecord, StoreError, Stored, TimeIndexKey};
+use super::{
+    add_count, encode_keys, DedupEntry, OutboxRecord, StoreError, Stored, TimeIndexKey,
+    DEDUP_COUNT, OUTBOX_COUNT,
+};
 
 /// Most requests written in one transaction and covered by one fsync.
 pub(super) const MAX_BATCH: usize = 1024;
@@ -47,6 +50,7 @@ pub(super) struct Shared {
     pub dedup: sled::Tree,
     pub dedup_by_time: sled::Tree,
     pub outbox: sled::Tree,
+    pub meta: sled::Tree,
     pub outbox_len: AtomicU64,
     pub dedup_len: AtomicU64,
     pub outbox_max: u64,
@@ -164,21 +168,28 @@ fn commit(shared: &Shared, batch: &[(OutboxRecord, Reply)]) -> Vec<Outcome> {
     }
     .encode();
     let index_value = encode_keys(new.iter().map(|(i, _, _)| batch[*i].0.key.as_str()));
-    let result = (&shared.dedup, &shared.dedup_by_time, &shared.outbox).transaction(
-        |(dedup, by_time, outbox)| {
-            for (i, seq, encoded) in &new {
-                let record = &batch[*i].0;
-                let entry = DedupEntry {
-                    received_at_ms: record.received_at_ms,
-                    seq: *seq,
-                };
-                dedup.insert(record.key.as_bytes(), &entry.encode()[..])?;
-                outbox.insert(&seq.to_be_bytes()[..], encoded.as_slice())?;
-            }
-            by_time.insert(&index_key[..], index_value.as_slice())?;
-            Ok::<_, ConflictableTransactionError<()>>(())
-        },
+    let added = new.len() as i64;
+    let trees = (
+        &shared.dedup,
+        &shared.dedup_by_time,
+        &shared.outbox,
+        &shared.meta,
     );
+    let result = trees.transaction(|(dedup, by_time, outbox, meta)| {
+        for (i, seq, encoded) in &new {
+            let record = &batch[*i].0;
+            let entry = DedupEntry {
+                received_at_ms: record.received_at_ms,
+                seq: *seq,
+            };
+            dedup.insert(record.key.as_bytes(), &entry.encode()[..])?;
+            outbox.insert(&seq.to_be_bytes()[..], encoded.as_slice())?;
+        }
+        by_time.insert(&index_key[..], index_value.as_slice())?;
+        add_count(meta, OUTBOX_COUNT, added)?;
+        add_count(meta, DEDUP_COUNT, added)?;
+        Ok::<_, ConflictableTransactionError<()>>(())
+    });
     match result {
         Ok(()) => {
             shared
