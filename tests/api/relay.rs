@@ -486,3 +486,66 @@ async fn sigterm_under_load_exits_0_within_the_grace_period_and_loses_nothing() 
     relay.child.wait().unwrap();
     delete_topology(&connection, &names, &[&queue]).await;
 }
+
+#[tokio::test]
+async fn a_returned_message_is_counted_kept_and_published_once_the_route_exists() {
+    let connection = broker().await;
+    let app = spawn_app(Config::default().with_broker(BROKER_URL)).await;
+    app.wait_broker_connected().await;
+    // The alternate exchange loses its queue: an event bound nowhere now comes back (mandatory).
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .queue_delete(
+            app.names.unrouted.as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    let body = event_body("call.started", "returned");
+    assert_eq!(app.post_signed(body.clone()).await.status().as_u16(), 202);
+    wait_until(
+        Duration::from_secs(15),
+        "the return to be counted",
+        || async {
+            !app.metrics()
+                .await
+                .contains(r#"kallina_relay_publish_errors_total{reason="returned"} 0"#)
+        },
+    )
+    .await;
+    assert_eq!(
+        app.outbox_depth().await,
+        1,
+        "a returned event stays in the outbox"
+    );
+
+    // The operator puts the queue back: the retry lands there.
+    channel
+        .queue_declare(
+            app.names.unrouted.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            app.names.unrouted.as_str().into(),
+            app.names.unrouted.as_str().into(),
+            "".into(),
+            lapin::options::QueueBindOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    app.wait_outbox_empty().await;
+    let messages = drain_queue(&connection, &app.names.unrouted).await;
+    assert_eq!(messages.len(), 1, "returned publishes were not enqueued anywhere");
+    assert_eq!(messages[0].delivery.data, body.as_bytes());
+    let names = app.names.clone();
+    app.stop().await;
+    delete_topology(&connection, &names, &[]).await;
+}
