@@ -543,7 +543,11 @@ async fn a_returned_message_is_counted_kept_and_published_once_the_route_exists(
         .unwrap();
     app.wait_outbox_empty().await;
     let messages = drain_queue(&connection, &app.names.unrouted).await;
-    assert_eq!(messages.len(), 1, "returned publishes were not enqueued anywhere");
+    assert_eq!(
+        messages.len(),
+        1,
+        "returned publishes were not enqueued anywhere"
+    );
     assert_eq!(messages[0].delivery.data, body.as_bytes());
     let names = app.names.clone();
     app.stop().await;
