@@ -53,13 +53,7 @@ impl Application {
         let shutting_down = Arc::new(AtomicBool::new(false));
         let (trigger, shutdown) = shutdown::channel();
 
-        let listener = TcpListener::bind(settings.listen).with_context(|| {
-            format!(
-                "cannot listen on {} (KALLINA_RELAY_LISTEN)",
-                settings.listen
-            )
-        })?;
-        let public_port = listener.local_addr()?.port();
+        let (listener, public_port) = bind(settings.listen, "KALLINA_RELAY_LISTEN")?;
         let ingress = web::Data::new(Ingress::new(
             &settings,
             store.clone(),
@@ -77,13 +71,8 @@ impl Application {
         .listen(listener)?
         .run();
 
-        let admin_listener = TcpListener::bind(settings.admin_listen).with_context(|| {
-            format!(
-                "cannot listen on {} (KALLINA_RELAY_ADMIN_LISTEN)",
-                settings.admin_listen
-            )
-        })?;
-        let admin_port = admin_listener.local_addr()?.port();
+        let (admin_listener, admin_port) =
+            bind(settings.admin_listen, "KALLINA_RELAY_ADMIN_LISTEN")?;
         let admin_state = web::Data::new(Admin {
             store: store.clone(),
             metrics: metrics.clone(),
@@ -183,6 +172,14 @@ impl Application {
             .context("the public listener failed")?;
         Ok(())
     }
+}
+
+/// Binds a listener; the error names the setting to change. Returns the port actually bound.
+fn bind(address: std::net::SocketAddr, setting: &str) -> anyhow::Result<(TcpListener, u16)> {
+    let listener = TcpListener::bind(address)
+        .with_context(|| format!("cannot listen on {address} ({setting})"))?;
+    let port = listener.local_addr()?.port();
+    Ok((listener, port))
 }
 
 /// Expires dedup keys older than the retention, every `sweep_interval`.

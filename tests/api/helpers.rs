@@ -327,6 +327,33 @@ pub async fn delete_topology(connection: &Connection, names: &Names, queues: &[&
     }
 }
 
+/// For tests of the real binary: a data directory, random names, and a configuration file
+/// declaring one queue bound to `#`, all under `dir`.
+pub struct ChildSetup {
+    pub data_dir: PathBuf,
+    pub names: Names,
+    pub queue: String,
+    pub config_file: PathBuf,
+}
+
+impl ChildSetup {
+    pub fn new(dir: &Path, queue_prefix: &str) -> Self {
+        let queue = random_name(queue_prefix);
+        let config_file = dir.join("relay.toml");
+        std::fs::write(&config_file, queue_file(&queue, "#")).unwrap();
+        Self {
+            data_dir: dir.join("data"),
+            names: Names::random(),
+            queue,
+            config_file,
+        }
+    }
+
+    pub fn config_env(&self) -> (&'static str, &str) {
+        ("KALLINA_RELAY_CONFIG", self.config_file.to_str().unwrap())
+    }
+}
+
 /// A configuration file declaring one durable queue bound with `pattern`.
 pub fn queue_file(queue: &str, pattern: &str) -> String {
     format!("[[queues]]\nname = \"{queue}\"\nbindings = [\"{pattern}\"]\n")
@@ -459,5 +486,29 @@ impl ChildRelay {
 
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
+    }
+
+    /// Waits until this process's relay has had every stored event confirmed.
+    pub async fn wait_outbox_empty(&self) {
+        let (client, readyz) = (http_client(), format!("{}/readyz", self.admin_address));
+        wait_until(
+            Duration::from_secs(60),
+            "the child relay's outbox to drain",
+            || {
+                let (client, readyz) = (client.clone(), readyz.clone());
+                async move {
+                    let ready: Value = client
+                        .get(readyz)
+                        .send()
+                        .await
+                        .unwrap()
+                        .json()
+                        .await
+                        .unwrap();
+                    ready["store"]["outbox_events"] == 0
+                }
+            },
+        )
+        .await;
     }
 }

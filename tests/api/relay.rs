@@ -320,16 +320,13 @@ fn stream_events(
 async fn after_repeated_kill_9_every_accepted_event_arrives() {
     let connection = broker().await;
     let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    let names = Names::random();
-    let queue = random_name("test.kill9");
-    let config_file = dir.path().join("relay.toml");
-    std::fs::write(&config_file, queue_file(&queue, "#")).unwrap();
-    let config_env = [("KALLINA_RELAY_CONFIG", config_file.to_str().unwrap())];
+    let setup = ChildSetup::new(dir.path(), "test.kill9");
+    let (data_dir, names, queue) = (&setup.data_dir, &setup.names, &setup.queue);
+    let config_env = [setup.config_env()];
     let accepted = Arc::new(Mutex::new(BTreeSet::new()));
 
     for round in 0..4 {
-        let mut relay = ChildRelay::start(&data_dir, &names, &config_env).await;
+        let mut relay = ChildRelay::start(data_dir, names, &config_env).await;
         let stop = Arc::new(AtomicBool::new(false));
         let streams: Vec<_> = (0..4)
             .map(|_| {
@@ -356,25 +353,9 @@ async fn after_repeated_kill_9_every_accepted_event_arrives() {
         accepted.len()
     );
 
-    let mut relay = ChildRelay::start(&data_dir, &names, &config_env).await;
-    let client = http_client();
-    wait_until(
-        Duration::from_secs(60),
-        "the restarted relay to drain",
-        || async {
-            let ready: Value = client
-                .get(format!("{}/readyz", relay.admin_address))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            ready["store"]["outbox_events"] == 0
-        },
-    )
-    .await;
-    let messages = drain_queue(&connection, &queue).await;
+    let mut relay = ChildRelay::start(data_dir, names, &config_env).await;
+    relay.wait_outbox_empty().await;
+    let messages = drain_queue(&connection, queue).await;
     let mut seen: BTreeMap<String, u32> = BTreeMap::new();
     for m in &messages {
         *seen
@@ -404,25 +385,19 @@ async fn after_repeated_kill_9_every_accepted_event_arrives() {
     );
     relay.child.kill().unwrap();
     relay.child.wait().unwrap();
-    delete_topology(&connection, &names, &[&queue]).await;
+    delete_topology(&connection, names, &[queue]).await;
 }
 
 #[tokio::test]
 async fn sigterm_under_load_exits_0_within_the_grace_period_and_loses_nothing() {
     let connection = broker().await;
     let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    let names = Names::random();
-    let queue = random_name("test.sigterm");
-    let config_file = dir.path().join("relay.toml");
-    std::fs::write(&config_file, queue_file(&queue, "#")).unwrap();
-    let env = [
-        ("KALLINA_RELAY_CONFIG", config_file.to_str().unwrap()),
-        ("KALLINA_RELAY_SHUTDOWN_GRACE", "5s"),
-    ];
+    let setup = ChildSetup::new(dir.path(), "test.sigterm");
+    let (data_dir, names, queue) = (&setup.data_dir, &setup.names, &setup.queue);
+    let env = [setup.config_env(), ("KALLINA_RELAY_SHUTDOWN_GRACE", "5s")];
     let accepted = Arc::new(Mutex::new(BTreeSet::new()));
 
-    let mut relay = ChildRelay::start(&data_dir, &names, &env).await;
+    let mut relay = ChildRelay::start(data_dir, names, &env).await;
     let stop = Arc::new(AtomicBool::new(false));
     let streams: Vec<_> = (0..4)
         .map(|_| {
@@ -452,21 +427,9 @@ async fn sigterm_under_load_exits_0_within_the_grace_period_and_loses_nothing() 
     );
 
     // Whatever was not confirmed before the exit is still in the outbox: a new process sends it.
-    let mut relay = ChildRelay::start(&data_dir, &names, &env).await;
-    let client = http_client();
-    wait_until(Duration::from_secs(60), "the outbox to drain", || async {
-        let ready: Value = client
-            .get(format!("{}/readyz", relay.admin_address))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        ready["store"]["outbox_events"] == 0
-    })
-    .await;
-    let arrived: BTreeSet<String> = drain_queue(&connection, &queue)
+    let mut relay = ChildRelay::start(data_dir, names, &env).await;
+    relay.wait_outbox_empty().await;
+    let arrived: BTreeSet<String> = drain_queue(&connection, queue)
         .await
         .iter()
         .map(|m| {
@@ -484,7 +447,7 @@ async fn sigterm_under_load_exits_0_within_the_grace_period_and_loses_nothing() 
     assert!(lost.is_empty(), "lost after SIGTERM: {lost:?}");
     relay.child.kill().unwrap();
     relay.child.wait().unwrap();
-    delete_topology(&connection, &names, &[&queue]).await;
+    delete_topology(&connection, names, &[queue]).await;
 }
 
 #[tokio::test]
