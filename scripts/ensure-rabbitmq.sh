@@ -19,8 +19,12 @@ if ! command -v rabbitmq-server >/dev/null 2>&1 && [ ! -x /usr/sbin/rabbitmq-ser
 fi
 export PATH="$PATH:/usr/sbin"
 
-echo "rabbitmq: starting (rabbitmq-server -detached)"
-as_root rabbitmq-server -detached
+# The package's own start-up may already have started it.
+if ! port_open; then
+  echo "rabbitmq: starting (rabbitmq-server -detached)"
+  # A node that is already starting makes this fail; the wait below decides.
+  as_root rabbitmq-server -detached || echo "rabbitmq: rabbitmq-server -detached failed; waiting anyway"
+fi
 
 for _ in $(seq 1 90); do
   if port_open && timeout 20 rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
