@@ -49,6 +49,8 @@ pub struct Ingress {
     pub source: String,
     pub store: Store,
     pub metrics: Metrics,
+    /// `kallina_relay_signature_matches_total{secret}`, one per secret, resolved once.
+    signature_matches: Vec<prometheus::IntCounter>,
     /// Set when shutdown begins: new requests get 503 while in-flight ones finish.
     pub shutting_down: Arc<AtomicBool>,
 }
@@ -67,6 +69,13 @@ impl Ingress {
             future_skew: settings.future_skew,
             id_header: settings.id_header.clone(),
             source: settings.source.clone(),
+            signature_matches: (0..settings.secrets.len())
+                .map(|i| {
+                    metrics
+                        .signature_matches
+                        .with_label_values(&[&i.to_string()])
+                })
+                .collect(),
             store,
             metrics,
             shutting_down,
@@ -101,6 +110,13 @@ fn answer_error(req: &HttpRequest, ingress: &Ingress, error: IngressError) -> Ht
     error.to_response(&RequestId::of(req))
 }
 
+/// The body of a 2xx answer.
+#[derive(serde::Serialize)]
+struct Answer<'a> {
+    status: &'static str,
+    id: &'a str,
+}
+
 /// The event as it came in and was checked, before the store.
 struct Verified<'a> {
     envelope: Envelope<'a>,
@@ -120,12 +136,14 @@ async fn receive(
         Err(e) => (None, Err(e)),
     };
     let response = match &result {
-        Ok((Stored::New, key)) => {
-            HttpResponse::Accepted().json(json!({ "status": "accepted", "id": key }))
-        }
-        Ok((Stored::Duplicate, key)) => {
-            HttpResponse::Ok().json(json!({ "status": "duplicate", "id": key }))
-        }
+        Ok((Stored::New, key)) => HttpResponse::Accepted().json(Answer {
+            status: "accepted",
+            id: key,
+        }),
+        Ok((Stored::Duplicate, key)) => HttpResponse::Ok().json(Answer {
+            status: "duplicate",
+            id: key,
+        }),
         Err(e) => e.to_response(&request_id),
     };
     let outcome = match &result {
@@ -167,6 +185,16 @@ async fn handle(
     if ingress.shutting_down.load(Ordering::Acquire) {
         let e = unavailable("the service is shutting down".into(), RETRY_AFTER_BRIEF);
         return (Some(event), Err(e));
+    }
+    // A platform retry of something already on disk: answered before any copy is made.
+    match ingress.store.is_durable_duplicate(&verified.key) {
+        Ok(true) => return (Some(event), Ok((Stored::Duplicate, verified.key))),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "store lookup failed");
+            let e = unavailable("the event store cannot be read".into(), RETRY_AFTER_BRIEF);
+            return (Some(event), Err(e));
+        }
     }
     let record = OutboxRecord {
         key: verified.key,
@@ -232,11 +260,7 @@ fn verify<'a>(
     };
     let secret_index = signature::verify(&ingress.secrets, header, body)
         .map_err(|e| fail(IngressError::Signature(e)))?;
-    ingress
-        .metrics
-        .signature_matches
-        .with_label_values(&[&secret_index.to_string()])
-        .inc();
+    ingress.signature_matches[secret_index].inc();
 
     let envelope = parse_envelope(body).map_err(|e| fail(IngressError::InvalidPayload(e)))?;
     let event = Some(envelope.event.to_string());

@@ -251,18 +251,24 @@ impl Store {
         })
     }
 
+    /// True if `key` was stored before and that write is already on disk: a retry that needs
+    /// nothing written and nothing waited for.
+    pub fn is_durable_duplicate(&self, key: &str) -> Result<bool, StoreError> {
+        let shared = &self.inner.shared;
+        let Some(entry) = shared
+            .dedup
+            .get(key.as_bytes())?
+            .and_then(|v| DedupEntry::decode(&v))
+        else {
+            return Ok(false);
+        };
+        Ok(entry.seq <= *shared.durable.borrow() && shared.writable.load(Ordering::Acquire))
+    }
+
     /// Stores `record` under its dedup key, once, and returns when that is durable.
     pub async fn accept(&self, record: OutboxRecord) -> Result<Stored, StoreError> {
-        let shared = &self.inner.shared;
-        // Fast path for retries: the original is already on disk, nothing to write or wait for.
-        if let Some(entry) = shared
-            .dedup
-            .get(record.key.as_bytes())?
-            .and_then(|v| DedupEntry::decode(&v))
-        {
-            if entry.seq <= *shared.durable.borrow() && shared.writable.load(Ordering::Acquire) {
-                return Ok(Stored::Duplicate);
-            }
+        if self.is_durable_duplicate(&record.key)? {
+            return Ok(Stored::Duplicate);
         }
         let (reply, answer) = oneshot::channel();
         self.inner
