@@ -1,0 +1,267 @@
+//! The benchmark harness: the release binary under load next to baselines measured in the same
+//! run, printed as one table. Run it with `scripts/bench.sh` (it prepares RabbitMQ and wrk).
+//!
+//! Scenarios, in order (each load run ≤ 20 s):
+//! 1. ingest: distinct signed events (unique delivery ids), 64 connections, broker cut,
+//!    against a bare actix-web endpoint answering 200 to the same requests;
+//! 2. duplicates: the same event re-sent, against the same baseline;
+//! 3. drain: the outbox left by ingest, broker restored, against a plain lapin publisher with
+//!    the same properties, window and broker;
+//! 4. sustained: a fixed offered rate with the relay publishing and a consumer reading, then
+//!    rising rates until the targets are missed;
+//! 5. memory with 1M events in the outbox, and disk per stored event.
+
+// The imports below are the harness's shared prelude: its modules `use super::*`.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context, Result};
+use futures_util::StreamExt;
+use hdrhistogram::Histogram;
+use kallina_relay::signature::sign;
+use kallina_relay::store::{unix_millis, OutboxRecord, Store, StoreOptions};
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use tokio::net::{TcpListener, TcpStream};
+
+mod broker;
+mod load;
+mod processes;
+mod store_fill;
+
+use broker::*;
+use load::*;
+use processes::*;
+use store_fill::*;
+
+const SECRET: &str = "whsec_bench";
+const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const CONNECTIONS: u32 = 64;
+const WINDOW: usize = 256;
+
+fn main() -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(run())
+}
+
+struct Row {
+    scenario: &'static str,
+    figure: String,
+    baseline: String,
+    ratio: String,
+    target: &'static str,
+}
+
+/// The memory scenario alone (`KALLINA_BENCH_ONLY=memory`), for iterating on memory use.
+async fn memory_only() -> Result<()> {
+    let work = tempfile::tempdir()?;
+    let forwarder = Forwarder::start().await?;
+    let config = work.path().join("relay.toml");
+    std::fs::write(&config, "")?;
+    let (filled, disk, peak) = million(work.path(), &config, "bench.memory", &forwarder).await?;
+    println!(
+        "1M in outbox: peak RSS {peak} MB, {} B/event on disk",
+        disk / filled.max(1)
+    );
+    Ok(())
+}
+
+/// 1M events written straight into a store, then the relay started on it (broker cut) under
+/// 5 s of ingest: returns (events, bytes on disk before the relay started, peak RSS in MB).
+async fn million(
+    work: &Path,
+    config: &Path,
+    exchange: &str,
+    forwarder: &Forwarder,
+) -> Result<(u64, u64, u64)> {
+    let million_dir = work.join("million");
+    let filled = prefill(&million_dir, 1_000_000).await?;
+    let disk = du(&million_dir);
+    forwarder.cut();
+    let mut relay = Relay::start(&million_dir, config, exchange, &forwarder.url())?;
+    relay.wait_healthy().await?;
+    println!(
+        "  relay started on 1M events: RSS peak so far {} MB",
+        relay.peak_rss_mb()
+    );
+    let _ = wrk(work, relay.port, true, "million", 5)?;
+    let peak = relay.peak_rss_mb();
+    relay.stop()?;
+    Ok((filled, disk, peak))
+}
+
+async fn run() -> Result<()> {
+    if std::env::var("KALLINA_BENCH_ONLY").as_deref() == Ok("memory") {
+        return memory_only().await;
+    }
+    let work = tempfile::tempdir()?;
+    let mut rows = Vec::new();
+    let machine = format!("{} cores, {}", num_cpus(), kernel());
+    println!("kallina-relay benchmark harness — {machine}");
+
+    // Baseline: a bare actix-web endpoint answering 200 to the same requests.
+    let baseline_port = spawn_bare_endpoint().await?;
+    let forwarder = Forwarder::start().await?;
+    forwarder.cut();
+    let queue = format!("bench.q.{}", fastrand::u32(..));
+    let exchange = format!("bench.events.{}", fastrand::u32(..));
+    let config = work.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!("[[queues]]\nname = \"{queue}\"\nbindings = [\"#\"]\n"),
+    )?;
+    let data_dir = work.path().join("data");
+    let mut relay = Relay::start(&data_dir, &config, &exchange, &forwarder.url())?;
+    relay.wait_healthy().await?;
+
+    // 1. ingest
+    let base = wrk(work.path(), baseline_port, true, "base", 10)?;
+    let ingest = wrk(work.path(), relay.port, true, "ingest", 8)?;
+    let peak_ingest = relay.peak_rss_mb();
+    rows.push(Row {
+        scenario: "ingest: distinct events, 64 conns, broker cut",
+        figure: format!(
+            "{:.0}/s p50 {:.2} ms p99 {:.2} ms, non-2xx {}",
+            ingest.rps, ingest.p50_ms, ingest.p99_ms, ingest.non_2xx
+        ),
+        baseline: format!(
+            "{:.0}/s p50 {:.2} ms p99 {:.2} ms",
+            base.rps, base.p50_ms, base.p99_ms
+        ),
+        ratio: pct(ingest.rps, base.rps),
+        target: "≥ 30k/s, ≥ 35 %, p99 ≤ 10 ms",
+    });
+
+    // 2. duplicates
+    let dup = wrk(work.path(), relay.port, false, "dup", 8)?;
+    rows.push(Row {
+        scenario: "duplicates: the same event re-sent",
+        figure: format!("{:.0}/s p99 {:.2} ms", dup.rps, dup.p99_ms),
+        baseline: format!("{:.0}/s", base.rps),
+        ratio: pct(dup.rps, base.rps),
+        target: "≥ 60 %",
+    });
+
+    // 3. drain: the relay restarted with the broker reachable directly (as the baseline is:
+    //    the forwarder's extra hop would cost CPU that RabbitMQ needs on this machine).
+    let backlog = relay.outbox().await?;
+    relay.stop()?;
+    let started = Instant::now();
+    let mut relay = Relay::start(&data_dir, &config, &exchange, BROKER)?;
+    relay.wait_healthy().await?;
+    relay
+        .wait_outbox_at_most(0, Duration::from_secs(120))
+        .await?;
+    let drain_rate = backlog as f64 / started.elapsed().as_secs_f64();
+    let lapin_rate = plain_publisher(backlog).await?;
+    rows.push(Row {
+        scenario: "drain: outbox backlog, broker restored",
+        figure: format!("{backlog} events, {drain_rate:.0}/s"),
+        baseline: format!("plain lapin publisher {lapin_rate:.0}/s"),
+        ratio: pct(drain_rate, lapin_rate),
+        target: "≥ 90 %",
+    });
+    purge(&queue).await?;
+
+    // 4. sustained, then rising rates
+    let sustained = sustained(&relay, &queue, 5_000, 20).await?;
+    rows.push(Row {
+        scenario: "sustained: 5k/s offered for 20 s, consumer reading",
+        figure: sustained.describe(),
+        baseline: "—".into(),
+        ratio: "—".into(),
+        target: "p99 accept ≤ 10 ms, p99 lag ≤ 250 ms, 0 errors",
+    });
+    let mut best = if sustained.meets_targets() { 5_000 } else { 0 };
+    for rate in [6_000, 7_000, 8_000, 9_000, 10_000, 12_000] {
+        purge(&queue).await?;
+        let run = sustained_run(&relay, &queue, rate, 6).await?;
+        println!("  offered {rate}/s: {}", run.describe());
+        if !run.meets_targets() {
+            break;
+        }
+        best = rate;
+    }
+    rows.push(Row {
+        scenario: "max sustained rate (steps of 1-2k/s, 6 s each)",
+        figure: format!("{best}/s"),
+        baseline: "—".into(),
+        ratio: "—".into(),
+        target: "report",
+    });
+    let peak_all = relay.peak_rss_mb();
+    relay.stop()?;
+
+    // 5. memory with 1M events in the outbox, and disk
+    let stored_total = Store::open(&store_options(&data_dir))?.stats().dedup_keys;
+    let disk_before = du(&data_dir);
+    let swept = {
+        let store = Store::open(&store_options(&data_dir))?;
+        let swept = store.sweep_expired(Duration::ZERO)?;
+        store.close();
+        swept
+    };
+    let disk_after = du(&data_dir);
+    let (filled, disk_million, peak_million) =
+        million(work.path(), &config, &exchange, &forwarder).await?;
+    rows.push(Row {
+        scenario: "memory: peak RSS",
+        figure: format!(
+            "ingest {peak_ingest} MB; drain + sustained {peak_all} MB; 1M events in the outbox + 5 s ingest {peak_million} MB"
+        ),
+        baseline: "—".into(),
+        ratio: "—".into(),
+        target: "≤ 150 MB",
+    });
+    rows.push(Row {
+        scenario: "disk per stored event (600-byte body)",
+        figure: format!(
+            "1M in outbox: {} B/event; after drain: {} B/event before sweep, {} B/event after sweeping {swept} keys",
+            disk_million / filled.max(1),
+            disk_before / stored_total.max(1),
+            disk_after / stored_total.max(1)
+        ),
+        baseline: "—".into(),
+        ratio: "—".into(),
+        target: "report",
+    });
+
+    print_table(&machine, &rows);
+    cleanup(&queue, &exchange).await;
+    Ok(())
+}
+
+fn pct(a: f64, b: f64) -> String {
+    format!("{:.0} %", 100.0 * a / b)
+}
+
+fn print_table(machine: &str, rows: &[Row]) {
+    println!("\n## Benchmark ({machine})\n");
+    println!("| scenario | kallina-relay | baseline (same run) | ratio | target |");
+    println!("| --- | --- | --- | --- | --- |");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            r.scenario, r.figure, r.baseline, r.ratio, r.target
+        );
+    }
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map_or_else(
+        |_| "unknown kernel".into(),
+        |s| format!("Linux {}", s.trim()),
+    )
+}

@@ -1,0 +1,198 @@
+//! The processes under test: the relay binary as a child, the bare actix-web baseline, and
+//! the TCP forwarder that plays "broker down".
+
+use super::*;
+
+pub(crate) async fn spawn_bare_endpoint() -> Result<u16> {
+    use actix_web::{web, App, HttpResponse, HttpServer};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let server = HttpServer::new(|| {
+        App::new().route(
+            "/webhooks/kallina",
+            web::post().to(|body: web::Bytes| async move {
+                std::hint::black_box(&body);
+                HttpResponse::Ok().json(serde_json::json!({"status": "accepted"}))
+            }),
+        )
+    })
+    .workers(2)
+    .disable_signals()
+    .listen(listener)?
+    .run();
+    tokio::spawn(server);
+    Ok(port)
+}
+
+/// The release binary as a child process.
+pub(crate) struct Relay {
+    pub(crate) child: Child,
+    pub(crate) port: u16,
+    pub(crate) admin: u16,
+    pub(crate) client: reqwest::Client,
+}
+
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Relay {
+    pub(crate) fn start(
+        data_dir: &Path,
+        config: &Path,
+        exchange: &str,
+        amqp: &str,
+    ) -> Result<Self> {
+        let (port, admin) = (free_port(), free_port());
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kallina-relay"));
+        command.env_clear();
+        // Knobs to experiment with, passed through when set.
+        for name in [
+            "KALLINA_RELAY_CACHE_SIZE",
+            "MIMALLOC_PURGE_DELAY",
+            "MIMALLOC_ARENA_EAGER_COMMIT",
+        ] {
+            if let Ok(value) = std::env::var(name) {
+                command.env(name, value);
+            }
+        }
+        let child = command
+            .env("KALLINA_WEBHOOK_SECRET", SECRET)
+            .env("KALLINA_RELAY_CONFIG", config)
+            .env("KALLINA_RELAY_LISTEN", format!("127.0.0.1:{port}"))
+            .env("KALLINA_RELAY_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+            .env("KALLINA_RELAY_DATA_DIR", data_dir)
+            .env("KALLINA_RELAY_AMQP_URL", amqp)
+            .env("KALLINA_RELAY_EXCHANGE", exchange)
+            .env(
+                "KALLINA_RELAY_UNROUTED_EXCHANGE",
+                format!("{exchange}.unrouted"),
+            )
+            .env("KALLINA_RELAY_ID_HEADER", "X-Kallina-Delivery")
+            .env("KALLINA_RELAY_OUTBOX_MAX", "2000000")
+            .env("KALLINA_RELAY_PUBLISH_WINDOW", WINDOW.to_string())
+            .env("KALLINA_RELAY_LOG_FORMAT", "json")
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting the relay")?;
+        let client = reqwest::Client::builder().no_proxy().build()?;
+        Ok(Self {
+            child,
+            port,
+            admin,
+            client,
+        })
+    }
+
+    pub(crate) async fn wait_healthy(&self) -> Result<()> {
+        for _ in 0..600 {
+            if let Ok(r) = self
+                .client
+                .get(format!("http://127.0.0.1:{}/healthz", self.admin))
+                .send()
+                .await
+            {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("the relay did not start")
+    }
+
+    pub(crate) async fn outbox(&self) -> Result<u64> {
+        let ready: serde_json::Value = self
+            .client
+            .get(format!("http://127.0.0.1:{}/readyz", self.admin))
+            .send()
+            .await?
+            .json()
+            .await?;
+        ready["store"]["outbox_events"]
+            .as_u64()
+            .context("outbox_events")
+    }
+
+    pub(crate) async fn wait_outbox_at_most(&self, n: u64, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        while self.outbox().await? > n {
+            if Instant::now() > deadline {
+                bail!("the outbox did not drain within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn peak_rss_mb(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb / 1024)
+    }
+
+    pub(crate) fn stop(&mut self) -> Result<()> {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("the relay exited with {status}");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP forwarder to RabbitMQ that can be cut (the relay's "broker down").
+pub(crate) struct Forwarder {
+    pub(crate) port: u16,
+    pub(crate) cut: Arc<AtomicBool>,
+    pub(crate) tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Forwarder {
+    pub(crate) async fn start() -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (c, t) = (cut.clone(), tasks.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if c.load(Ordering::SeqCst) {
+                    continue;
+                }
+                t.lock().unwrap().push(tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect("127.0.0.1:5672").await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                }));
+            }
+        });
+        Ok(Self { port, cut, tasks })
+    }
+    pub(crate) fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+    pub(crate) fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
