@@ -180,19 +180,26 @@ async fn run() -> Result<()> {
         ratio: "—".into(),
         target: "p99 accept ≤ 10 ms, p99 lag ≤ 250 ms, 0 errors",
     });
-    let mut best = if sustained.meets_targets() { 5_000 } else { 0 };
-    for rate in [6_000, 7_000, 8_000, 9_000, 10_000, 12_000] {
+    // Rising rates from well below the 5k/s row, so that one noisy run there does not hide
+    // what the relay can hold; the first rate that misses a target ends the climb.
+    let mut best = None;
+    let mut first_miss = String::from("none up to 10000/s");
+    for rate in [3_000, 4_000, 5_000, 6_000, 7_000, 8_000, 10_000] {
         purge(&queue).await?;
         let run = sustained_run(&relay, &queue, rate, 6).await?;
         println!("  offered {rate}/s: {}", run.describe());
         if !run.meets_targets() {
+            first_miss = run.describe();
             break;
         }
-        best = rate;
+        best = Some(rate);
     }
     rows.push(Row {
-        scenario: "max sustained rate (steps of 1-2k/s, 6 s each)",
-        figure: format!("{best}/s"),
+        scenario: "max sustained rate (6 s per step)",
+        figure: format!(
+            "{} (first miss: {first_miss})",
+            best.map_or("below 3000/s".to_string(), |b| format!("{b}/s"))
+        ),
         baseline: "—".into(),
         ratio: "—".into(),
         target: "report",
