@@ -159,8 +159,14 @@ async fn receive(
     metrics
         .request_duration
         .observe(started.elapsed().as_secs_f64());
-    if let Err(e) = &result {
-        tracing::info!(request_id = %request_id, code = e.code(), status = e.status().as_u16(), "webhook refused");
+    // Refusals of bad input stay at debug: on a public port they are the internet's noise, and
+    // the metrics count them. Our own failures (5xx) are worth a warning.
+    match &result {
+        Err(e) if e.status().is_server_error() => {
+            tracing::warn!(request_id = %request_id, code = e.code(), "webhook not stored")
+        }
+        Err(e) => tracing::debug!(request_id = %request_id, code = e.code(), "webhook refused"),
+        Ok(_) => {}
     }
     response
 }
