@@ -753,4 +753,24 @@ mod tests {
         assert_eq!(parse_size("1000"), Some(1000));
         assert_eq!(parse_size("big"), None);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn duration_and_size_parsers_never_panic(text in "\\PC{0,40}") {
+                let _ = parse_duration(&text);
+                let _ = parse_size(&text);
+            }
+
+            #[test]
+            fn whole_seconds_parse_in_every_unit(n in 0u64..100_000) {
+                prop_assert_eq!(parse_duration(&format!("{n}s")), Some(Duration::from_secs(n)));
+                prop_assert_eq!(parse_duration(&format!("{n}m")), Some(Duration::from_secs(n * 60)));
+                prop_assert_eq!(parse_size(&format!("{n}KiB")), Some(n * 1024));
+            }
+        }
+    }
 }

@@ -184,4 +184,42 @@ mod tests {
             );
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn arbitrary_headers_never_panic(header in proptest::collection::vec(any::<u8>(), 0..100)) {
+                let _ = verify(&secrets(&["k"]), Some(&header), b"body");
+            }
+
+            #[test]
+            fn sign_then_verify_round_trips(secret in "[ -~]{1,64}", body in proptest::collection::vec(any::<u8>(), 0..2048)) {
+                let header = sign(secret.as_bytes(), &body);
+                prop_assert_eq!(verify(&[Secret::new(secret.clone())], Some(header.as_bytes()), &body), Ok(0));
+            }
+
+            #[test]
+            fn any_single_bit_flip_fails(
+                body in proptest::collection::vec(any::<u8>(), 1..512),
+                bit in any::<prop::sample::Index>(),
+                in_signature in any::<bool>(),
+            ) {
+                let s = secrets(&["k"]);
+                let header = sign(b"k", &body);
+                let (mut body, mut digest) = (body, parse_header(header.as_bytes()).unwrap());
+                if in_signature {
+                    let i = bit.index(256);
+                    digest[i / 8] ^= 1 << (i % 8);
+                } else {
+                    let i = bit.index(body.len() * 8);
+                    body[i / 8] ^= 1 << (i % 8);
+                }
+                let altered = format!("sha256={}", hex::encode(digest));
+                prop_assert_eq!(verify(&s, Some(altered.as_bytes()), &body), Err(SignatureError::Mismatch));
+            }
+        }
+    }
 }

@@ -189,4 +189,30 @@ mod tests {
         assert_eq!(envelope.event, "call.ended");
         assert_eq!(envelope.timestamp.unix_timestamp(), 1_737_628_200);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn arbitrary_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..1024)) {
+                let _ = parse(&body);
+            }
+
+            #[test]
+            fn arbitrary_json_shapes_never_panic(body in r#"[\[\]{}",:0-9a-z \\]{0,300}"#) {
+                let _ = parse(body.as_bytes());
+            }
+
+            #[test]
+            fn any_event_name_and_time_round_trip(event in "[a-z_]{1,20}\\.[a-z_]{1,20}", secs in 0i64..4_000_000_000) {
+                let t = OffsetDateTime::from_unix_timestamp(secs).unwrap();
+                let body = format!(r#"{{"event":"{event}","timestamp":"{}","data":{{}}}}"#, t.format(&Rfc3339).unwrap());
+                let parsed = parse(body.as_bytes()).unwrap();
+                prop_assert_eq!(parsed.event, event.as_str());
+                prop_assert_eq!(parsed.timestamp, t);
+            }
+        }
+    }
 }
