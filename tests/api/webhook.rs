@@ -631,3 +631,82 @@ async fn the_sign_command_prints_what_the_platform_sends() {
         "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
     );
 }
+
+#[tokio::test]
+async fn no_secret_or_amqp_password_reaches_the_logs_of_a_full_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin_port) = (free_port(), free_port());
+    let webhook_secret = "whsec_never_log_me_7f3a";
+    let amqp_password = "amqp_never_log_me_91c2";
+    // A file, not a pipe: at trace level the logs would fill a pipe nobody reads yet.
+    let log_path = dir.path().join("relay.log");
+    let log_file = std::fs::File::create(&log_path).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kallina-relay"))
+        .env_clear()
+        .env(
+            "KALLINA_WEBHOOK_SECRET",
+            format!("{webhook_secret},older_secret_never_logged"),
+        )
+        .env(
+            "KALLINA_RELAY_AMQP_URL",
+            format!("amqp://kallina:{amqp_password}@127.0.0.1:5672/%2f"),
+        )
+        .env("KALLINA_RELAY_LISTEN", format!("127.0.0.1:{port}"))
+        .env(
+            "KALLINA_RELAY_ADMIN_LISTEN",
+            format!("127.0.0.1:{admin_port}"),
+        )
+        .env("KALLINA_RELAY_DATA_DIR", dir.path().join("data"))
+        .env("KALLINA_RELAY_LOG_FORMAT", "json")
+        .env("RUST_LOG", "trace")
+        .stdout(std::process::Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .unwrap();
+    let client = http_client();
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    wait_until(Duration::from_secs(30), "the relay to serve", || {
+        let (client, admin) = (client.clone(), admin.clone());
+        async move { client.get(format!("{admin}/healthz")).send().await.is_ok() }
+    })
+    .await;
+    // Accepted, duplicate, refused; and the relay failing to log in to the broker meanwhile.
+    let body = event_body("call.ended", "logs");
+    let signature = sign(webhook_secret.as_bytes(), body.as_bytes());
+    for header in [signature.as_str(), signature.as_str(), "sha256=00"] {
+        client
+            .post(format!("http://127.0.0.1:{port}/webhooks/kallina"))
+            .header("X-Kallina-Signature", header)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+    }
+    wait_until(Duration::from_secs(15), "a failed broker login", || async {
+        let ready: Value = client
+            .get(format!("{admin}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        ready["broker"]["state"] == "disconnected"
+    })
+    .await;
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    assert!(child.wait().unwrap().success());
+    let logs = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        logs.contains("kallina-relay serving"),
+        "the logs were captured: {logs}"
+    );
+    assert!(
+        logs.contains("relay session ended"),
+        "the broker failure was logged"
+    );
+    for secret in [webhook_secret, "older_secret_never_logged", amqp_password] {
+        assert!(!logs.contains(secret), "{secret} appears in the logs");
+    }
+    assert!(!logs.contains(&body), "a whole payload appears in the logs");
+}
