@@ -46,6 +46,12 @@ const SPECS: &[Spec] = &[
     ),
     spec("data_dir", "KALLINA_RELAY_DATA_DIR", Some("./data"), false),
     spec("max_body", "KALLINA_RELAY_MAX_BODY", Some("1MiB"), false),
+    spec(
+        "body_timeout",
+        "KALLINA_RELAY_BODY_TIMEOUT",
+        Some("10s"),
+        false,
+    ),
     spec("tolerance", "KALLINA_RELAY_TOLERANCE", Some("24h"), false),
     spec(
         "future_skew",
@@ -196,6 +202,8 @@ pub struct Settings {
     pub admin_listen: SocketAddr,
     pub data_dir: PathBuf,
     pub max_body: usize,
+    /// How long a client may take to send its whole body.
+    pub body_timeout: Duration,
     pub tolerance: Duration,
     pub future_skew: Duration,
     pub dedup_retention: Duration,
@@ -298,6 +306,7 @@ impl Settings {
             admin_listen: parse("admin_listen").socket_addr()?,
             data_dir: PathBuf::from(parse("data_dir").non_empty()?),
             max_body: parse("max_body").bytes(1, 64 << 20)? as usize,
+            body_timeout: parse("body_timeout").duration()?,
             tolerance,
             future_skew,
             dedup_retention,
@@ -315,12 +324,14 @@ impl Settings {
             shutdown_grace: parse("shutdown_grace").duration()?,
             queues,
         };
-        if settings.sweep_interval.is_zero() || settings.confirm_timeout.is_zero() {
-            let key = if settings.sweep_interval.is_zero() {
-                "sweep_interval"
-            } else {
-                "confirm_timeout"
-            };
+        let zero = [
+            ("sweep_interval", settings.sweep_interval),
+            ("confirm_timeout", settings.confirm_timeout),
+            ("body_timeout", settings.body_timeout),
+        ]
+        .into_iter()
+        .find(|(_, d)| d.is_zero());
+        if let Some((key, _)) = zero {
             return Err(parse(key).invalid("a duration above zero".into()));
         }
         Ok(settings)

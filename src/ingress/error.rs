@@ -14,6 +14,8 @@ use super::envelope::PayloadError;
 pub enum IngressError {
     #[error("the request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    #[error("the body did not arrive within {seconds} s")]
+    RequestTimeout { seconds: u64 },
     #[error("Content-Encoding `{encoding}` is not supported: send the body uncompressed")]
     UnsupportedEncoding { encoding: String },
     #[error("{0}")]
@@ -38,6 +40,7 @@ impl IngressError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::RequestTimeout { .. } => "request_timeout",
             Self::UnsupportedEncoding { .. } => "unsupported_encoding",
             Self::Signature(SignatureError::Missing) => "missing_signature",
             Self::Signature(_) => "invalid_signature",
@@ -52,6 +55,7 @@ impl IngressError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::UnsupportedEncoding { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Signature(_) => StatusCode::UNAUTHORIZED,
             Self::InvalidPayload(_) | Self::TimestampOutOfTolerance { .. } => {
@@ -66,6 +70,7 @@ impl IngressError {
     fn details(&self) -> Value {
         match self {
             Self::PayloadTooLarge { limit } => json!({ "limit_bytes": limit }),
+            Self::RequestTimeout { seconds } => json!({ "timeout_seconds": seconds }),
             Self::UnsupportedEncoding { encoding } => json!({ "content_encoding": encoding }),
             Self::Signature(e) => json!({ "reason": e.reason() }),
             Self::InvalidPayload(e) => json!({ "field": e.field, "reason": e.reason }),
@@ -92,6 +97,10 @@ impl IngressError {
             }
             Self::MethodNotAllowed => {
                 response.insert_header((ALLOW, "POST"));
+            }
+            // The rest of the body is still on the wire: the connection cannot be reused.
+            Self::PayloadTooLarge { .. } | Self::RequestTimeout { .. } => {
+                response.force_close();
             }
             _ => {}
         }

@@ -43,6 +43,7 @@ const RETRY_AFTER_BRIEF: u32 = 5;
 pub struct Ingress {
     pub secrets: Vec<Secret>,
     pub max_body: usize,
+    pub body_timeout: Duration,
     pub tolerance: Duration,
     pub future_skew: Duration,
     pub id_header: Option<String>,
@@ -65,6 +66,7 @@ impl Ingress {
         Self {
             secrets: settings.secrets.clone(),
             max_body: settings.max_body,
+            body_timeout: settings.body_timeout,
             tolerance: settings.tolerance,
             future_skew: settings.future_skew,
             id_header: settings.id_header.clone(),
@@ -131,7 +133,14 @@ async fn receive(
     let started = Instant::now();
     let request_id = RequestId::of(&req);
     let received_at = SystemTime::now();
-    let (event, result) = match read_body(&req, payload, ingress.max_body).await {
+    let reading = read_body(&req, payload, ingress.max_body);
+    let body = match tokio::time::timeout(ingress.body_timeout, reading).await {
+        Ok(body) => body,
+        Err(_) => Err(IngressError::RequestTimeout {
+            seconds: ingress.body_timeout.as_secs(),
+        }),
+    };
+    let (event, result) = match body {
         Ok(body) => handle(&req, &body, received_at, &ingress).await,
         Err(e) => (None, Err(e)),
     };

@@ -710,3 +710,121 @@ async fn no_secret_or_amqp_password_reaches_the_logs_of_a_full_run() {
     }
     assert!(!logs.contains(&body), "a whole payload appears in the logs");
 }
+
+/// Sends raw bytes and reads what comes back until the server closes or `wait` passes.
+async fn raw_exchange(address: &str, request: &[u8], wait: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(wait, stream.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+fn raw_post(version: &str, body: &str, extra: &str) -> String {
+    let signature = sign(SECRET.as_bytes(), body.as_bytes());
+    format!(
+        "POST /webhooks/kallina {version}\r\nHost: relay\r\nContent-Length: {}\r\nX-Kallina-Signature: {signature}\r\n{extra}\r\n{body}",
+        body.len()
+    )
+}
+
+#[tokio::test]
+async fn http_1_0_and_pipelined_requests_get_their_answers_in_order() {
+    let app = spawn_app(Config::default()).await;
+    let first = event_body("call.ended", "http10");
+    let answer = raw_exchange(
+        &app.address,
+        raw_post("HTTP/1.0", &first, "").as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.0 202") || answer.starts_with("HTTP/1.1 202"),
+        "{answer}"
+    );
+
+    let second = event_body("call.ended", "pipelined");
+    let pipelined = format!(
+        "{}{}",
+        raw_post("HTTP/1.1", &second, ""),
+        raw_post("HTTP/1.1", &second, "Connection: close\r\n")
+    );
+    let answer = raw_exchange(&app.address, pipelined.as_bytes(), Duration::from_secs(5)).await;
+    let statuses: Vec<&str> = answer
+        .match_indices("HTTP/1.1 ")
+        .map(|(at, _)| &answer[at + 9..at + 12])
+        .collect();
+    assert_eq!(statuses, ["202", "200"], "{answer}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_too_slow_with_its_body_is_cut_off_and_others_are_served() {
+    let app = spawn_app(Config::default().set("KALLINA_RELAY_BODY_TIMEOUT", "1s")).await;
+    let body = event_body("call.ended", "slow");
+    let request = raw_post("HTTP/1.1", &body, "");
+    let (head, rest) = request.split_at(request.len() - body.len());
+    let slow = async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(app.address.trim_start_matches("http://"))
+            .await
+            .unwrap();
+        stream.write_all(head.as_bytes()).await.unwrap();
+        // One byte a second: far slower than the 1 s the whole body may take.
+        for byte in rest.as_bytes().iter().take(3) {
+            if stream.write_all(&[*byte]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+        }
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    let other = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        app.post_signed(event_body("call.ended", "fast"))
+            .await
+            .status()
+            .as_u16()
+    };
+    let (slow_answer, other_status) = tokio::join!(slow, other);
+    assert_eq!(other_status, 202, "another client is served meanwhile");
+    assert!(slow_answer.starts_with("HTTP/1.1 408"), "{slow_answer}");
+    assert!(slow_answer.contains("request_timeout"), "{slow_answer}");
+    assert!(
+        slow_answer
+            .to_ascii_lowercase()
+            .contains("connection: close"),
+        "{slow_answer}"
+    );
+    assert_eq!(
+        app.outbox_depth().await,
+        1,
+        "only the fast event was stored"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_headers_are_refused_and_the_server_stays_up() {
+    let app = spawn_app(Config::default()).await;
+    let body = event_body("call.ended", "big-header");
+    let huge = format!("X-Padding: {}\r\n", "a".repeat(200_000));
+    let answer = raw_exchange(
+        &app.address,
+        raw_post("HTTP/1.1", &body, &huge).as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 431"),
+        "{}",
+        &answer[..answer.len().min(200)]
+    );
+    assert_eq!(app.post_signed(body).await.status().as_u16(), 202);
+    app.stop().await;
+}
