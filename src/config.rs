@@ -52,6 +52,12 @@ const SPECS: &[Spec] = &[
         Some("10s"),
         false,
     ),
+    spec(
+        "max_connections",
+        "KALLINA_RELAY_MAX_CONNECTIONS",
+        Some("10000"),
+        false,
+    ),
     spec("tolerance", "KALLINA_RELAY_TOLERANCE", Some("24h"), false),
     spec(
         "future_skew",
@@ -204,6 +210,8 @@ pub struct Settings {
     pub max_body: usize,
     /// How long a client may take to send its whole body.
     pub body_timeout: Duration,
+    /// Open connections on the public listener at most (new ones wait in the backlog).
+    pub max_connections: usize,
     pub tolerance: Duration,
     pub future_skew: Duration,
     pub dedup_retention: Duration,
@@ -307,6 +315,7 @@ impl Settings {
             data_dir: PathBuf::from(parse("data_dir").non_empty()?),
             max_body: parse("max_body").bytes(1, 64 << 20)? as usize,
             body_timeout: parse("body_timeout").duration()?,
+            max_connections: parse("max_connections").integer(2, 1_000_000)? as usize,
             tolerance,
             future_skew,
             dedup_retention,

@@ -60,12 +60,18 @@ impl Application {
             metrics.clone(),
             shutting_down.clone(),
         ));
+        // One HTTP worker per core, as actix would choose; the count is needed for the cap.
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
         let public = HttpServer::new(move || {
             App::new()
                 .wrap(from_fn(assign_request_id))
                 .app_data(ingress.clone())
                 .configure(ingress::routes)
         })
+        .workers(workers)
+        // actix counts per worker; idle connections that send no request are dropped after
+        // its 5 s request-head timeout, so they free their slot for real clients.
+        .max_connections(settings.max_connections.div_ceil(workers))
         .disable_signals()
         .shutdown_timeout(settings.shutdown_grace.as_secs().max(1))
         .listen(listener)?

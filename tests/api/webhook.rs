@@ -828,3 +828,23 @@ async fn oversized_headers_are_refused_and_the_server_stays_up() {
     assert_eq!(app.post_signed(body).await.status().as_u16(), 202);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_thousand_idle_connections_do_not_keep_real_clients_out() {
+    let app = spawn_app(Config::default()).await;
+    let target = app.address.trim_start_matches("http://").to_string();
+    let mut idle = Vec::new();
+    for _ in 0..1000 {
+        // Connections that never send a byte (dropped by the server after 5 s without a request).
+        idle.push(tokio::net::TcpStream::connect(&target).await.unwrap());
+    }
+    let started = std::time::Instant::now();
+    let status = app
+        .post_signed(event_body("call.ended", "behind-idle"))
+        .await
+        .status()
+        .as_u16();
+    assert_eq!(status, 202, "served after {:?}", started.elapsed());
+    drop(idle);
+    app.stop().await;
+}
