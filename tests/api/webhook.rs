@@ -848,3 +848,86 @@ async fn a_thousand_idle_connections_do_not_keep_real_clients_out() {
     drop(idle);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_full_disk_answers_503_and_loses_nothing_answered_2xx() {
+    if unsafe { libc::geteuid() } != 0 {
+        println!("skipped: mounting a small tmpfs for the data directory needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mount_point = dir.path().join("small");
+    std::fs::create_dir(&mount_point).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=6m", "tmpfs"])
+        .arg(&mount_point)
+        .status()
+        .unwrap();
+    if !mounted.success() {
+        println!("skipped: this machine refuses to mount a tmpfs (no CAP_SYS_ADMIN)");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mount_point.clone());
+    let filler = mount_point.join("filler");
+    std::fs::write(&filler, vec![0u8; 2 << 20]).unwrap();
+
+    let data_dir = mount_point.join("data");
+    let names = Names::random();
+    let app = spawn_app_at(Config::default(), &data_dir, names.clone(), None).await;
+    let mut accepted = Vec::new();
+    let mut refused = None;
+    for i in 0..20_000 {
+        let body = format!(
+            r#"{{"event":"call.ended","timestamp":"{}","data":{{"i":{i},"pad":"{}"}}}}"#,
+            now_rfc3339(),
+            "x".repeat(2000)
+        );
+        let response = app.post_signed(body.clone()).await;
+        match response.status().as_u16() {
+            202 => accepted.push(body),
+            503 => {
+                assert!(response.headers().get("retry-after").is_some());
+                refused = Some(i);
+                break;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(refused.is_some(), "the disk never filled");
+    assert!(!accepted.is_empty());
+    assert_eq!(
+        app.readyz().await.0,
+        503,
+        "not ready while the disk is full"
+    );
+
+    // Space comes back; sled 0.34 stays failed after a write error, so the process restarts.
+    app.stop().await;
+    std::fs::remove_file(&filler).unwrap();
+
+    // Everything answered 2xx is still there after a restart.
+    let app = spawn_app_at(Config::default(), &data_dir, names, None).await;
+    for body in &accepted {
+        assert_eq!(
+            app.post_signed(body.clone()).await.status().as_u16(),
+            200,
+            "a 2xx'd event was lost"
+        );
+    }
+    assert_eq!(app.outbox_depth().await, accepted.len() as u64);
+    assert_eq!(
+        app.post_signed(event_body("call.ended", "after-restart"))
+            .await
+            .status()
+            .as_u16(),
+        202
+    );
+    app.stop().await;
+    println!("disk full after {} accepted events", accepted.len());
+}
