@@ -312,6 +312,17 @@ pub async fn drain_queue(connection: &Connection, queue: &str) -> Vec<BasicGetMe
     messages
 }
 
+/// The `message_id` of a message taken off a queue (the event's dedup key).
+pub fn message_id(message: &BasicGetMessage) -> String {
+    message
+        .delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .expect("message_id is set")
+        .to_string()
+}
+
 /// Deletes what a test declared on the broker.
 pub async fn delete_topology(connection: &Connection, names: &Names, queues: &[&str]) {
     let channel = connection.create_channel().await.unwrap();

@@ -58,7 +58,7 @@ async fn every_fixture_arrives_with_its_exact_body_routing_key_and_properties() 
     );
     for message in &messages {
         let p = &message.delivery.properties;
-        let id = p.message_id().as_ref().unwrap().to_string();
+        let id = message_id(message);
         let (event, body) = sent.get(&id).expect("message_id is the dedup key");
         assert_eq!(&message.delivery.data, body, "body byte for byte");
         assert_eq!(message.delivery.routing_key.as_str(), event);
@@ -169,17 +169,7 @@ async fn while_the_broker_is_cut_events_are_accepted_and_all_arrive_once_restore
     forwarder.restore();
     app.wait_outbox_empty().await;
     let messages = drain_queue(&connection, &queue).await;
-    let arrived: Vec<String> = messages
-        .iter()
-        .map(|m| {
-            m.delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let arrived: Vec<String> = messages.iter().map(message_id).collect();
     assert_eq!(arrived.len(), 200, "each exactly once");
     assert_eq!(arrived.iter().cloned().collect::<BTreeSet<_>>(), keys);
     let names = app.names.clone();
@@ -358,16 +348,7 @@ async fn after_repeated_kill_9_every_accepted_event_arrives() {
     let messages = drain_queue(&connection, queue).await;
     let mut seen: BTreeMap<String, u32> = BTreeMap::new();
     for m in &messages {
-        *seen
-            .entry(
-                m.delivery
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .unwrap()
-                    .to_string(),
-            )
-            .or_default() += 1;
+        *seen.entry(message_id(m)).or_default() += 1;
     }
     let lost: Vec<_> = accepted.iter().filter(|k| !seen.contains_key(*k)).collect();
     let twice = seen.values().filter(|n| **n > 1).count();
@@ -432,14 +413,7 @@ async fn sigterm_under_load_exits_0_within_the_grace_period_and_loses_nothing() 
     let arrived: BTreeSet<String> = drain_queue(&connection, queue)
         .await
         .iter()
-        .map(|m| {
-            m.delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .unwrap()
-                .to_string()
-        })
+        .map(message_id)
         .collect();
     let accepted = accepted.lock().unwrap().clone();
     assert!(!accepted.is_empty());
