@@ -255,11 +255,11 @@ impl Store {
     /// nothing written and nothing waited for.
     pub fn is_durable_duplicate(&self, key: &str) -> Result<bool, StoreError> {
         let shared = &self.inner.shared;
-        let Some(entry) = shared
-            .dedup
-            .get(key.as_bytes())?
-            .and_then(|v| DedupEntry::decode(&v))
-        else {
+        let found = shared.dedup.get(key.as_bytes()).inspect_err(|_| {
+            // sled fails every operation after an I/O error: readiness must say so at once.
+            shared.writable.store(false, Ordering::Release);
+        })?;
+        let Some(entry) = found.and_then(|v| DedupEntry::decode(&v)) else {
             return Ok(false);
         };
         Ok(entry.seq <= *shared.durable.borrow() && shared.writable.load(Ordering::Acquire))

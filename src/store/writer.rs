@@ -81,6 +81,13 @@ pub(super) fn run(shared: Arc<Shared>, log_file: File, mut jobs: mpsc::Receiver<
             }
         }
         let outcomes = commit(&shared, &batch);
+        if outcomes
+            .iter()
+            .any(|o| matches!(o, Err(StoreError::Unwritable(_))))
+        {
+            // Not writable until a flush succeeds again: readiness must say so at once.
+            shared.writable.store(false, Ordering::Release);
+        }
         let newest = outcomes
             .iter()
             .filter_map(|o| match o {

@@ -870,7 +870,11 @@ async fn a_full_disk_answers_503_and_loses_nothing_answered_2xx() {
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
+            // Lazy: a failed test may still hold files open in there.
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
         }
     }
     let _unmount = Unmount(mount_point.clone());
