@@ -24,10 +24,6 @@ impl ShutdownTrigger {
     pub fn trigger(&self) {
         self.0.send_replace(true);
     }
-
-    pub fn subscribe(&self) -> Shutdown {
-        Shutdown(self.0.subscribe())
-    }
 }
 
 impl Shutdown {

@@ -232,7 +232,6 @@ impl Store {
             outbox_max: options.outbox_max,
             durable,
             writable: true.into(),
-            last_flush_micros: AtomicU64::new(0),
         });
         let (jobs, queue) = mpsc::channel(4 * writer::MAX_BATCH);
         let writer = {
@@ -393,11 +392,6 @@ impl Store {
             dedup_keys: inner.dedup_len.load(Ordering::Relaxed),
             writable: inner.writable.load(Ordering::Acquire),
         }
-    }
-
-    /// Duration of the most recent flush (flush + fdatasync).
-    pub fn last_flush_duration(&self) -> Duration {
-        Duration::from_micros(self.inner.shared.last_flush_micros.load(Ordering::Relaxed))
     }
 
     /// Answers what is queued, makes everything durable and stops the writer. Later `accept`

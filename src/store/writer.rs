@@ -20,7 +20,6 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
@@ -58,8 +57,6 @@ pub(super) struct Shared {
     pub durable: watch::Sender<u64>,
     /// False after a failed flush, true again after the next good one.
     pub writable: AtomicBool,
-    /// Duration of the last flush (flush + fdatasync), in microseconds.
-    pub last_flush_micros: AtomicU64,
 }
 
 type Reply = oneshot::Sender<Result<Stored, StoreError>>;
@@ -221,15 +218,11 @@ fn commit(shared: &Shared, batch: &[(OutboxRecord, Reply)]) -> Vec<Outcome> {
 }
 
 fn flush(shared: &Shared, log_file: &File) -> Result<(), String> {
-    let started = Instant::now();
     let result = shared
         .db
         .flush()
         .map_err(|e| e.to_string())
         .and_then(|_| log_file.sync_data().map_err(|e| e.to_string()));
-    shared
-        .last_flush_micros
-        .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
     match &result {
         Ok(()) => shared.writable.store(true, Ordering::Release),
         Err(reason) => {
