@@ -9,6 +9,7 @@
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::dev::Server;
 use actix_web::middleware::from_fn;
@@ -173,6 +174,13 @@ impl Application {
         );
         admin_handle.stop(true).await;
         let _ = admin_task.await;
+        // The HTTP workers drop their copies of the store on their own threads, a moment after
+        // their server stopped; "stopped" means the data directory is free for the next
+        // process (or, in tests, the next application in this one).
+        if !store.wait_until_sole_handle(Duration::from_secs(10)).await {
+            tracing::warn!("the store is still referenced after shutdown");
+        }
+        drop(store);
         public_result
             .context("the public listener task failed")?
             .context("the public listener failed")?;

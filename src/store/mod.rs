@@ -394,6 +394,19 @@ impl Store {
         }
     }
 
+    /// Waits (up to `limit`) until this is the last handle to the store, so that dropping it
+    /// closes the database and releases the data directory. False if others remain.
+    pub async fn wait_until_sole_handle(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while Arc::strong_count(&self.inner) > 1 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+
     /// Answers what is queued, makes everything durable and stops the writer. Later `accept`
     /// calls fail with [`StoreError::Closed`].
     pub fn close(&self) {
