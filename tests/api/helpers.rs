@@ -257,6 +257,13 @@ impl TestApp {
         .await;
     }
 
+    /// Stops, then deletes what the test declared on the broker (its queues and our exchanges).
+    pub async fn stop_and_clean_broker(self, connection: &Connection, queues: &[&str]) {
+        let names = self.names.clone();
+        self.stop().await;
+        delete_topology(connection, &names, queues).await;
+    }
+
     /// Graceful stop, as SIGTERM does; returns when everything has shut down.
     pub async fn stop(self) {
         self.trigger.trigger();

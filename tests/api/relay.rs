@@ -101,9 +101,7 @@ async fn every_fixture_arrives_with_its_exact_body_routing_key_and_properties() 
         metrics.contains("kallina_relay_broker_connected 1"),
         "{metrics}"
     );
-    let names = app.names.clone();
-    app.stop().await;
-    delete_topology(&connection, &names, &[&queue]).await;
+    app.stop_and_clean_broker(&connection, &[&queue]).await;
 }
 
 #[tokio::test]
@@ -127,9 +125,7 @@ async fn an_event_no_queue_is_bound_for_lands_in_the_unrouted_queue() {
         .metrics()
         .await
         .contains(r#"kallina_relay_publish_errors_total{reason="returned"} 0"#));
-    let names = app.names.clone();
-    app.stop().await;
-    delete_topology(&connection, &names, &[&queue]).await;
+    app.stop_and_clean_broker(&connection, &[&queue]).await;
 }
 
 #[tokio::test]
@@ -172,9 +168,7 @@ async fn while_the_broker_is_cut_events_are_accepted_and_all_arrive_once_restore
     let arrived: Vec<String> = messages.iter().map(message_id).collect();
     assert_eq!(arrived.len(), 200, "each exactly once");
     assert_eq!(arrived.iter().cloned().collect::<BTreeSet<_>>(), keys);
-    let names = app.names.clone();
-    app.stop().await;
-    delete_topology(&connection, &names, &[&queue]).await;
+    app.stop_and_clean_broker(&connection, &[&queue]).await;
 }
 
 #[tokio::test]
@@ -486,7 +480,5 @@ async fn a_returned_message_is_counted_kept_and_published_once_the_route_exists(
         "returned publishes were not enqueued anywhere"
     );
     assert_eq!(messages[0].delivery.data, body.as_bytes());
-    let names = app.names.clone();
-    app.stop().await;
-    delete_topology(&connection, &names, &[]).await;
+    app.stop_and_clean_broker(&connection, &[]).await;
 }
