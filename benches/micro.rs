@@ -42,6 +42,7 @@ fn store_commit_batch(c: &mut Criterion) {
         data_dir: dir.path().join("data"),
         cache_size: 32 << 20,
         outbox_max: u64::MAX,
+        keep_archive: true,
     })
     .unwrap();
     let body = body();
@@ -63,6 +64,8 @@ fn store_commit_batch(c: &mut Criterion) {
                             received_at_ms: unix_millis(SystemTime::now()),
                             source: "bench".into(),
                             body: body.clone(),
+                            redelivered: false,
+                            attempts_before: 0,
                         }
                     })
                     .collect::<Vec<_>>()

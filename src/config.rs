@@ -133,6 +133,21 @@ const SPECS: &[Spec] = &[
         Some("10s"),
         false,
     ),
+    spec(
+        "archive_retention",
+        "KALLINA_RELAY_ARCHIVE_RETENTION",
+        None,
+        false,
+    ),
+    spec("admin_token", "KALLINA_RELAY_ADMIN_TOKEN", None, true),
+    spec(
+        "redrive_rate",
+        "KALLINA_RELAY_REDRIVE_RATE",
+        Some("500"),
+        false,
+    ),
+    spec("tls_cert", "KALLINA_RELAY_TLS_CERT", None, false),
+    spec("tls_key", "KALLINA_RELAY_TLS_KEY", None, false),
 ];
 
 const fn spec(
@@ -228,6 +243,21 @@ pub struct Settings {
     pub confirm_timeout: Duration,
     pub shutdown_grace: Duration,
     pub queues: Vec<QueueSpec>,
+    /// How long published events stay in the archive for the admin API (zero: not kept).
+    pub archive_retention: Duration,
+    /// Bearer token of the admin API; `None` turns the admin API off.
+    pub admin_token: Option<Secret>,
+    /// Events per second a redrive republishes at most.
+    pub redrive_rate: u32,
+    /// Certificate chain and private key (PEM) to serve the public listener over TLS.
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files for the public listener's TLS; read at start so that a bad file stops the start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Why the settings were refused: one line for the operator.
@@ -308,7 +338,45 @@ impl Settings {
         if let Err(reason) = amqp_url.parse::<lapin::uri::AMQPUri>() {
             return Err(parse("amqp_url").invalid(format!("an amqp:// or amqps:// URL ({reason})")));
         }
+        let archive_retention = match get("archive_retention") {
+            None => dedup_retention,
+            Some(_) => parse("archive_retention").duration()?,
+        };
+        // An archived event is found by its id through its dedup key.
+        if archive_retention > dedup_retention {
+            return Err(parse("archive_retention").invalid(format!(
+                "a duration of at most the dedup retention ({}): events are looked up by \
+                 their dedup key",
+                format_duration(dedup_retention)
+            )));
+        }
+        let admin_token = match get("admin_token").map(str::trim) {
+            None | Some("") => None,
+            Some(token) if token.len() < 16 => {
+                return Err(parse("admin_token").invalid("a token of at least 16 characters".into()))
+            }
+            Some(token) => Some(Secret::new(token)),
+        };
+        let tls = match (get("tls_cert"), get("tls_key")) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: PathBuf::from(parse("tls_cert").non_empty().map(|_| cert)?),
+                key: PathBuf::from(parse("tls_key").non_empty().map(|_| key)?),
+            }),
+            (Some(_), None) => {
+                return Err(parse("tls_key")
+                    .invalid("a PEM private key file, since tls_cert is set".into()))
+            }
+            (None, Some(_)) => {
+                return Err(parse("tls_cert")
+                    .invalid("a PEM certificate file, since tls_key is set".into()))
+            }
+        };
         let settings = Settings {
+            archive_retention,
+            admin_token,
+            redrive_rate: parse("redrive_rate").integer(1, 1_000_000)? as u32,
+            tls,
             secrets,
             listen: parse("listen").socket_addr()?,
             admin_listen: parse("admin_listen").socket_addr()?,
@@ -351,7 +419,8 @@ impl Settings {
         format!(
             "listen={} admin_listen={} data_dir={} secrets={} max_body={} tolerance={} \
              future_skew={} dedup_retention={} outbox_max={} id_header={} amqp={} exchange={} \
-             unrouted_exchange={} publish_window={} queues={}",
+             unrouted_exchange={} publish_window={} queues={} archive_retention={} admin_api={} \
+             tls={}",
             self.listen,
             self.admin_listen,
             self.data_dir.display(),
@@ -367,6 +436,13 @@ impl Settings {
             self.unrouted_exchange,
             self.publish_window,
             self.queues.len(),
+            format_duration(self.archive_retention),
+            if self.admin_token.is_some() {
+                "on"
+            } else {
+                "off"
+            },
+            if self.tls.is_some() { "on" } else { "off" },
         )
     }
 }

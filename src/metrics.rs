@@ -45,6 +45,9 @@ pub struct Metrics {
     pub publish_confirm_duration: Histogram,
     pub broker_connected: IntGauge,
     pub delivery_lag: Histogram,
+    archive_events: IntGauge,
+    pub redelivered: IntCounterVec,
+    pub redrive_pending: IntGauge,
 }
 
 impl Metrics {
@@ -146,8 +149,24 @@ impl Metrics {
                     3600.0,
                 ],
             ),
+            archive_events: int_gauge(
+                "kallina_relay_archive_events",
+                "Published events kept in the archive for the admin API",
+            ),
+            redelivered: counter(
+                "kallina_relay_redelivered_events_total",
+                "Archived events put back into the outbox by an operator, by trigger",
+                &["trigger"],
+            ),
+            redrive_pending: int_gauge(
+                "kallina_relay_redrive_pending_events",
+                "Events a running redrive has still to put back",
+            ),
             registry,
         };
+        for trigger in ["redeliver", "redrive"] {
+            metrics.redelivered.with_label_values(&[trigger]);
+        }
         for event in KNOWN_EVENTS.iter().chain(&["other"]) {
             metrics.published.with_label_values(&[event]);
         }
@@ -163,6 +182,7 @@ impl Metrics {
         self.outbox_oldest_age
             .set(store.outbox_oldest_age.map_or(0.0, |d| d.as_secs_f64()));
         self.dedup_keys.set(store.dedup_keys as i64);
+        self.archive_events.set(store.archive_events as i64);
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
@@ -199,11 +219,13 @@ mod tests {
             outbox_capacity: 10,
             outbox_oldest_age: None,
             dedup_keys: 7,
+            archive_events: 2,
             writable: true,
         });
         assert!(text
             .contains("kallina_relay_webhooks_total{event=\"call.ended\",outcome=\"accepted\"} 1"));
         assert!(text.contains("kallina_relay_outbox_events 3"));
         assert!(text.contains("kallina_relay_dedup_keys 7"));
+        assert!(text.contains("kallina_relay_archive_events 2"));
     }
 }

@@ -24,7 +24,7 @@ use crate::relay::{BrokerStatus, Relay, RelayOptions};
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 use crate::store::{Store, StoreOptions};
 
-/// Body limit of the admin listener: it takes no bodies yet.
+/// Body limit of the admin listener: only small JSON requests (a redrive's filter).
 const ADMIN_MAX_BODY: usize = 64 * 1024;
 
 /// A built, bound, not yet running service.
@@ -48,6 +48,7 @@ impl Application {
             data_dir: settings.data_dir.clone(),
             cache_size: settings.cache_size,
             outbox_max: settings.outbox_max,
+            keep_archive: !settings.archive_retention.is_zero(),
         })?;
         let metrics = Metrics::new();
         let broker = BrokerStatus::default();
@@ -80,11 +81,18 @@ impl Application {
 
         let (admin_listener, admin_port) =
             bind(settings.admin_listen, "KALLINA_RELAY_ADMIN_LISTEN")?;
+        if settings.admin_token.is_none() {
+            tracing::info!(
+                "admin API off: set KALLINA_RELAY_ADMIN_TOKEN to turn on /admin/ (events, redrive)"
+            );
+        }
         let admin_state = web::Data::new(Admin {
             store: store.clone(),
             metrics: metrics.clone(),
             broker: broker.clone(),
             shutting_down: shutting_down.clone(),
+            token: settings.admin_token.clone(),
+            redrive_rate: settings.redrive_rate,
         });
         let admin = HttpServer::new(move || {
             App::new()
@@ -196,7 +204,7 @@ fn bind(address: std::net::SocketAddr, setting: &str) -> anyhow::Result<(TcpList
     Ok((listener, port))
 }
 
-/// Expires dedup keys older than the retention, every `sweep_interval`.
+/// Expires dedup keys and archived events older than their retention, every `sweep_interval`.
 async fn sweep(store: Store, settings: Settings, mut shutdown: Shutdown) {
     let mut tick = tokio::time::interval(settings.sweep_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -205,13 +213,21 @@ async fn sweep(store: Store, settings: Settings, mut shutdown: Shutdown) {
             _ = tick.tick() => {}
             _ = shutdown.recv() => return,
         }
-        let store = store.clone();
+        let dedup_store = store.clone();
         let retention = settings.dedup_retention;
-        match tokio::task::spawn_blocking(move || store.sweep_expired(retention)).await {
+        match tokio::task::spawn_blocking(move || dedup_store.sweep_expired(retention)).await {
             Ok(Ok(0)) => {}
             Ok(Ok(removed)) => tracing::info!(removed, "expired dedup keys swept"),
             Ok(Err(e)) => tracing::error!(error = %e, "dedup sweep failed"),
             Err(e) => tracing::error!(error = %e, "dedup sweep task failed"),
+        }
+        let store = store.clone();
+        let retention = settings.archive_retention;
+        match tokio::task::spawn_blocking(move || store.sweep_archive(retention)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(removed)) => tracing::info!(removed, "expired archived events swept"),
+            Ok(Err(e)) => tracing::error!(error = %e, "archive sweep failed"),
+            Err(e) => tracing::error!(error = %e, "archive sweep task failed"),
         }
     }
 }

@@ -7,6 +7,7 @@ pub(crate) fn store_options(dir: &Path) -> StoreOptions {
         data_dir: dir.to_path_buf(),
         cache_size: 32 << 20,
         outbox_max: u64::MAX,
+        keep_archive: true,
     }
 }
 
@@ -29,6 +30,8 @@ pub(crate) async fn prefill(dir: &Path, count: u64) -> Result<u64> {
                         received_at_ms: unix_millis(SystemTime::now()),
                         source: "bench".into(),
                         body: body.clone(),
+                        redelivered: false,
+                        attempts_before: 0,
                     };
                     store.accept(record).await?;
                 }

@@ -104,13 +104,23 @@ impl IngressError {
             }
             _ => {}
         }
-        response.json(json!({
-            "error": {
-                "code": self.code(),
-                "message": self.to_string(),
-                "details": self.details(),
-                "request_id": request_id,
-            }
-        }))
+        response.json(error_body(
+            self.code(),
+            &self.to_string(),
+            self.details(),
+            request_id,
+        ))
     }
+}
+
+/// The platform's error shape, shared by every listener that answers errors.
+pub fn error_body(code: &str, message: &str, details: Value, request_id: &str) -> Value {
+    json!({
+        "error": {
+            "code": code,
+            "message": message,
+            "details": details,
+            "request_id": request_id,
+        }
+    })
 }

@@ -22,7 +22,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 pub use envelope::{parse as parse_envelope, Envelope, PayloadError};
-pub use error::IngressError;
+pub use error::{error_body, IngressError};
 pub use request_id::{assign as assign_request_id, RequestId};
 
 use crate::config::{Secret, Settings};
@@ -220,6 +220,8 @@ async fn handle(
         received_at_ms: unix_millis(received_at),
         source: ingress.source.clone(),
         body: body.to_vec(),
+        redelivered: false,
+        attempts_before: 0,
     };
     let commit_started = Instant::now();
     let key = record.key.clone();

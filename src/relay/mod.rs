@@ -14,9 +14,10 @@
 mod status;
 mod topology;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::stream::{FuturesOrdered, StreamExt};
@@ -105,6 +106,9 @@ pub struct Relay {
     options: RelayOptions,
     metrics: Metrics,
     status: BrokerStatus,
+    /// Publishes per outbox record so far (across sessions), until it is confirmed: the
+    /// archive keeps the total for the admin API.
+    attempts: Mutex<HashMap<u64, u32>>,
 }
 
 /// A publish waiting for its confirm: resolves to the record and what the broker said.
@@ -129,6 +133,7 @@ impl Relay {
             options,
             metrics,
             status,
+            attempts: Mutex::default(),
         }
     }
 
@@ -216,7 +221,7 @@ impl Relay {
         let mut events = connection.events_listener();
         let mut durable = self.store.durability();
         let mut pending: FuturesOrdered<PendingConfirm> = FuturesOrdered::new();
-        let mut confirmed: Vec<u64> = Vec::new();
+        let mut confirmed: Vec<(u64, u32)> = Vec::new();
         let mut retry: VecDeque<(Instant, u64, OutboxRecord)> = VecDeque::new();
         let mut cursor: Option<u64> = None;
         let mut read_ahead: VecDeque<(u64, OutboxRecord)> = VecDeque::new();
@@ -249,7 +254,7 @@ impl Relay {
                 pending.push_back(self.publish(&channel, next.0, next.1).await?);
             }
             if confirmed.len() >= DELETE_BATCH || (pending.is_empty() && !confirmed.is_empty()) {
-                self.store.remove_published(&confirmed)?;
+                self.store.archive_published(&confirmed)?;
                 confirmed.clear();
             }
             let retry_due = retry.front().map(|(due, _, _)| *due);
@@ -279,7 +284,7 @@ impl Relay {
             }
         };
         // Whatever the broker confirmed leaves the outbox, even when the session failed.
-        let removed = self.store.remove_published(&confirmed);
+        let removed = self.store.archive_published(&confirmed);
         let limit = self.options.confirm_timeout.min(Duration::from_secs(5));
         let _ = timeout(limit, channel.close(200, "kallina-relay stopping".into())).await;
         let _ = timeout(
@@ -300,6 +305,10 @@ impl Relay {
     ) -> Result<PendingConfirm, SessionError> {
         let limit = self.options.confirm_timeout;
         let published_at = Instant::now();
+        *self
+            .attempts_of()
+            .entry(seq)
+            .or_insert(record.attempts_before) += 1;
         let confirm = timeout(
             limit,
             channel.basic_publish(
@@ -337,7 +346,7 @@ impl Relay {
     fn settle(
         &self,
         outcome: ConfirmOutcome,
-        confirmed: &mut Vec<u64>,
+        confirmed: &mut Vec<(u64, u32)>,
     ) -> Result<Option<(u64, OutboxRecord)>, SessionError> {
         let ConfirmOutcome {
             seq,
@@ -371,12 +380,21 @@ impl Relay {
             .inc();
         let lag_ms = unix_millis(SystemTime::now()).saturating_sub(record.received_at_ms);
         m.delivery_lag.observe(lag_ms as f64 / 1000.0);
-        confirmed.push(seq);
+        let attempts = self.attempts_of().remove(&seq).unwrap_or(1);
+        confirmed.push((seq, attempts));
         Ok(None)
     }
 
+    fn attempts_of(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u32>> {
+        self.attempts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// On shutdown: wait up to the grace period for the confirms still outstanding.
-    async fn drain(&self, pending: &mut FuturesOrdered<PendingConfirm>, confirmed: &mut Vec<u64>) {
+    async fn drain(
+        &self,
+        pending: &mut FuturesOrdered<PendingConfirm>,
+        confirmed: &mut Vec<(u64, u32)>,
+    ) {
         let outstanding = pending.len();
         let deadline = tokio::time::Instant::now() + self.options.shutdown_grace;
         while let Ok(Some(outcome)) = tokio::time::timeout_at(deadline, pending.next()).await {
@@ -408,6 +426,9 @@ fn properties(record: &OutboxRecord) -> BasicProperties {
         &received.format(&Rfc3339).unwrap_or_default(),
     );
     header("x-source", &record.source);
+    if record.redelivered {
+        headers.insert("x-redelivered".into(), AMQPValue::Boolean(true));
+    }
     BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type("application/json".into())
@@ -466,6 +487,8 @@ mod tests {
             received_at_ms: 1_737_628_200_500,
             source: "relay-a".into(),
             body: b"{}".to_vec(),
+            redelivered: false,
+            attempts_before: 0,
         };
         let p = properties(&record);
         assert_eq!(p.delivery_mode(), &Some(2));

@@ -8,7 +8,9 @@
 //!   writes and deletes they count, so that a start never has to scan a million entries (a scan
 //!   measured 170 MB of extra peak memory with 1M events waiting).
 //! - `outbox`: sequence number (big-endian) → [`OutboxRecord`]. The relay reads it in order
-//!   and deletes what the broker confirmed.
+//!   and moves what the broker confirmed to the archive.
+//! - `archive`: sequence number → published event, kept for `archive_retention` for the admin
+//!   API (see [`archive`]).
 //!
 //! A new event writes its dedup key, time-index entry and outbox record in **one sled
 //! transaction**, so there is never a dedup key without its event. All writes go through one
@@ -17,6 +19,7 @@
 //! writer assigns sequence numbers in commit order, so the relay can read the outbox as a log.
 //! A duplicate whose original is already durable is answered without the writer.
 
+mod archive;
 mod record;
 mod writer;
 
@@ -31,6 +34,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 use tokio::sync::{mpsc, oneshot, watch};
 
+pub use archive::{EventPage, EventQuery, EventStatus, EventView, Redelivery};
 pub use record::{OutboxRecord, RecordError};
 
 use writer::{Job, Shared};
@@ -89,6 +93,7 @@ impl DedupEntry {
 
 const OUTBOX_COUNT: &[u8] = b"outbox_events";
 const DEDUP_COUNT: &[u8] = b"dedup_keys";
+const ARCHIVE_COUNT: &[u8] = b"archive_events";
 
 /// A count from `meta`; a database without one (made before counts were kept) is counted once.
 fn stored_count(meta: &sled::Tree, name: &[u8], tree: &sled::Tree) -> Result<u64, StoreError> {
@@ -170,6 +175,7 @@ pub struct StoreStats {
     pub outbox_capacity: u64,
     pub outbox_oldest_age: Option<Duration>,
     pub dedup_keys: u64,
+    pub archive_events: u64,
     pub writable: bool,
 }
 
@@ -181,6 +187,7 @@ pub struct Store {
 
 struct Inner {
     shared: Arc<Shared>,
+    keep_archive: bool,
     jobs: mpsc::Sender<Job>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -191,6 +198,8 @@ pub struct StoreOptions {
     pub data_dir: PathBuf,
     pub cache_size: u64,
     pub outbox_max: u64,
+    /// Keep published events in the archive (else they are deleted once confirmed).
+    pub keep_archive: bool,
 }
 
 impl Store {
@@ -216,18 +225,22 @@ impl Store {
         let dedup = db.open_tree("dedup")?;
         let dedup_by_time = db.open_tree("dedup_by_time")?;
         let outbox = db.open_tree("outbox")?;
+        let archive = db.open_tree("archive")?;
         let meta = db.open_tree("meta")?;
         let outbox_count = stored_count(&meta, OUTBOX_COUNT, &outbox)?;
         let dedup_count = stored_count(&meta, DEDUP_COUNT, &dedup)?;
+        let archive_count = stored_count(&meta, ARCHIVE_COUNT, &archive)?;
         // Everything recovered at open is on disk already; new numbers are above it.
         let (durable, _) = watch::channel(db.generate_id()?);
         let shared = Arc::new(Shared {
             outbox_len: AtomicU64::new(outbox_count),
             dedup_len: AtomicU64::new(dedup_count),
+            archive_len: AtomicU64::new(archive_count),
             db,
             dedup,
             dedup_by_time,
             outbox,
+            archive,
             meta,
             outbox_max: options.outbox_max,
             durable,
@@ -244,6 +257,7 @@ impl Store {
         Ok(Self {
             inner: Arc::new(Inner {
                 shared,
+                keep_archive: options.keep_archive,
                 jobs,
                 writer: Mutex::new(Some(writer)),
             }),
@@ -309,26 +323,42 @@ impl Store {
             .collect()
     }
 
-    /// Deletes records the broker has confirmed. Not fsync'd on purpose: a deletion lost in a
-    /// crash only means the event is published again, which at-least-once allows.
-    pub fn remove_published(&self, seqs: &[u64]) -> Result<(), StoreError> {
-        if seqs.is_empty() {
+    /// Moves records the broker has confirmed (sequence number, publish attempts) from the
+    /// outbox to the archive, or deletes them when no archive is kept. Not fsync'd on purpose:
+    /// a move lost in a crash only means the event is published again, which at-least-once
+    /// allows.
+    pub fn archive_published(&self, confirmed: &[(u64, u32)]) -> Result<(), StoreError> {
+        if confirmed.is_empty() {
             return Ok(());
         }
         let shared = &*self.inner.shared;
-        let removed = (&shared.outbox, &shared.meta)
-            .transaction(|(outbox, meta)| {
-                let mut removed = 0;
-                for seq in seqs {
-                    if outbox.remove(&seq.to_be_bytes()[..])?.is_some() {
-                        removed += 1;
+        let keep = self.inner.keep_archive;
+        let published_at_ms = unix_millis(SystemTime::now());
+        let moved = (&shared.outbox, &shared.archive, &shared.meta)
+            .transaction(|(outbox, archive, meta)| {
+                let mut moved = 0;
+                for (seq, attempts) in confirmed {
+                    let key = seq.to_be_bytes();
+                    if let Some(bytes) = outbox.remove(&key[..])? {
+                        if keep {
+                            let entry =
+                                archive::encode_archived(published_at_ms, *attempts, &bytes);
+                            archive.insert(&key[..], entry)?;
+                        }
+                        moved += 1;
                     }
                 }
-                add_count(meta, OUTBOX_COUNT, -(removed as i64))?;
-                Ok::<_, ConflictableTransactionError<()>>(removed)
+                add_count(meta, OUTBOX_COUNT, -(moved as i64))?;
+                if keep {
+                    add_count(meta, ARCHIVE_COUNT, moved as i64)?;
+                }
+                Ok::<_, ConflictableTransactionError<()>>(moved)
             })
             .map_err(transaction_error)?;
-        shared.outbox_len.fetch_sub(removed, Ordering::Relaxed);
+        shared.outbox_len.fetch_sub(moved, Ordering::Relaxed);
+        if keep {
+            shared.archive_len.fetch_add(moved, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -390,6 +420,7 @@ impl Store {
             outbox_capacity: inner.outbox_max,
             outbox_oldest_age: oldest,
             dedup_keys: inner.dedup_len.load(Ordering::Relaxed),
+            archive_events: inner.archive_len.load(Ordering::Relaxed),
             writable: inner.writable.load(Ordering::Acquire),
         }
     }
@@ -452,6 +483,7 @@ mod tests {
             data_dir: dir.to_path_buf(),
             cache_size: 8 << 20,
             outbox_max,
+            keep_archive: true,
         }
     }
 
@@ -463,6 +495,8 @@ mod tests {
             received_at_ms,
             source: "test".into(),
             body: format!("{{\"k\":\"{key}\"}}").into_bytes(),
+            redelivered: false,
+            attempts_before: 0,
         }
     }
 
@@ -498,7 +532,7 @@ mod tests {
         let keys: Vec<_> = pending.iter().map(|(_, r)| r.key.as_str()).collect();
         assert_eq!(keys, ["a", "b"]);
         assert_eq!(store.outbox_after(Some(pending[0].0), 10).unwrap().len(), 1);
-        store.remove_published(&[pending[0].0]).unwrap();
+        store.archive_published(&[(pending[0].0, 1)]).unwrap();
         let stats = store.stats();
         assert_eq!((stats.outbox_events, stats.dedup_keys), (1, 2));
     }

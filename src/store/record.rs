@@ -3,8 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Bumped when the layout changes, so that an old data directory is refused, not misread.
-const FORMAT_VERSION: u8 = 1;
+/// Bumped when the layout changes, so that an unknown layout is refused, not misread. Version 1
+/// (before redelivery) is still read.
+const FORMAT_VERSION: u8 = 2;
+const FORMAT_VERSION_1: u8 = 1;
 
 /// One accepted event waiting in the outbox for the broker's confirm.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,6 +24,37 @@ pub struct OutboxRecord {
     /// The request body, byte for byte.
     #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
+    /// Put back by an operator (redeliver or redrive): published with `x-redelivered: true`.
+    pub redelivered: bool,
+    /// Publish attempts made before this record was put back, so the admin API can count all.
+    pub attempts_before: u32,
+}
+
+/// The version-1 layout: no redelivery fields.
+#[derive(Deserialize)]
+struct OutboxRecordV1 {
+    key: String,
+    event: String,
+    signature: String,
+    received_at_ms: u64,
+    source: String,
+    #[serde(with = "serde_bytes")]
+    body: Vec<u8>,
+}
+
+impl From<OutboxRecordV1> for OutboxRecord {
+    fn from(v1: OutboxRecordV1) -> Self {
+        Self {
+            key: v1.key,
+            event: v1.event,
+            signature: v1.signature,
+            received_at_ms: v1.received_at_ms,
+            source: v1.source,
+            body: v1.body,
+            redelivered: false,
+            attempts_before: 0,
+        }
+    }
 }
 
 impl OutboxRecord {
@@ -36,6 +69,9 @@ impl OutboxRecord {
             Some((&FORMAT_VERSION, rest)) => {
                 postcard::from_bytes(rest).map_err(|e| RecordError::Corrupt(e.to_string()))
             }
+            Some((&FORMAT_VERSION_1, rest)) => postcard::from_bytes::<OutboxRecordV1>(rest)
+                .map(Self::from)
+                .map_err(|e| RecordError::Corrupt(e.to_string())),
             Some((&other, _)) => Err(RecordError::UnknownVersion(other)),
             None => Err(RecordError::Corrupt("empty record".into())),
         }
@@ -63,8 +99,40 @@ mod tests {
             received_at_ms: 1_737_628_200_123,
             source: "relay-a".into(),
             body: b"{\"event\":\"call.ended\",  \"data\":{\"x\":\"\xc8\x99\"}}".to_vec(),
+            redelivered: true,
+            attempts_before: 3,
         };
         assert_eq!(OutboxRecord::decode(&record.encode()).unwrap(), record);
+    }
+
+    #[test]
+    fn a_version_1_record_is_still_read() {
+        #[derive(Serialize)]
+        struct V1<'a> {
+            key: &'a str,
+            event: &'a str,
+            signature: &'a str,
+            received_at_ms: u64,
+            source: &'a str,
+            #[serde(with = "serde_bytes")]
+            body: &'a [u8],
+        }
+        let mut bytes = vec![FORMAT_VERSION_1];
+        let v1 = V1 {
+            key: "k",
+            event: "call.started",
+            signature: "sha256=00",
+            received_at_ms: 7,
+            source: "s",
+            body: b"{}",
+        };
+        postcard::to_io(&v1, &mut bytes).unwrap();
+        let record = OutboxRecord::decode(&bytes).unwrap();
+        assert_eq!(
+            (record.key.as_str(), record.body.as_slice()),
+            ("k", &b"{}"[..])
+        );
+        assert!(!record.redelivered);
     }
 
     #[test]

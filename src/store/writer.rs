@@ -25,9 +25,10 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::archive::{decode_archived, Redelivery};
 use super::{
     add_count, encode_keys, DedupEntry, OutboxRecord, StoreError, Stored, TimeIndexKey,
-    DEDUP_COUNT, OUTBOX_COUNT,
+    ARCHIVE_COUNT, DEDUP_COUNT, OUTBOX_COUNT,
 };
 
 /// Most requests written in one transaction and covered by one fsync.
@@ -39,6 +40,11 @@ pub(super) enum Job {
         record: OutboxRecord,
         reply: oneshot::Sender<Result<Stored, StoreError>>,
     },
+    /// Put archived events back into the outbox (redeliver, redrive).
+    Redeliver {
+        seqs: Vec<u64>,
+        reply: oneshot::Sender<Result<Vec<Redelivery>, StoreError>>,
+    },
     /// Answer what is queued, flush, and exit.
     Stop,
 }
@@ -49,9 +55,11 @@ pub(super) struct Shared {
     pub dedup: sled::Tree,
     pub dedup_by_time: sled::Tree,
     pub outbox: sled::Tree,
+    pub archive: sled::Tree,
     pub meta: sled::Tree,
     pub outbox_len: AtomicU64,
     pub dedup_len: AtomicU64,
+    pub archive_len: AtomicU64,
     pub outbox_max: u64,
     /// Every outbox sequence number at or below this is on disk; the relay reads up to it.
     pub durable: watch::Sender<u64>,
@@ -60,24 +68,43 @@ pub(super) struct Shared {
 }
 
 type Reply = oneshot::Sender<Result<Stored, StoreError>>;
+type RedeliverReply = oneshot::Sender<Result<Vec<Redelivery>, StoreError>>;
 
 /// The writer's loop; returns after a `Stop` or when every sender is gone.
 pub(super) fn run(shared: Arc<Shared>, log_file: File, mut jobs: mpsc::Receiver<Job>) {
     let mut batch: Vec<(OutboxRecord, Reply)> = Vec::with_capacity(MAX_BATCH);
+    let mut redeliveries: Vec<(Vec<u64>, RedeliverReply)> = Vec::new();
     loop {
         let mut stop = false;
-        match jobs.blocking_recv() {
-            None | Some(Job::Stop) => stop = true,
-            Some(Job::Accept { record, reply }) => batch.push((record, reply)),
-        }
-        while !stop && batch.len() < MAX_BATCH {
+        let mut next = jobs.blocking_recv();
+        loop {
+            match next {
+                None | Some(Job::Stop) => stop = true,
+                Some(Job::Accept { record, reply }) => batch.push((record, reply)),
+                Some(Job::Redeliver { seqs, reply }) => redeliveries.push((seqs, reply)),
+            }
+            if stop || batch.len() + redeliveries.len() >= MAX_BATCH {
+                break;
+            }
             match jobs.try_recv() {
-                Ok(Job::Accept { record, reply }) => batch.push((record, reply)),
-                Ok(Job::Stop) => stop = true,
+                Ok(job) => next = Some(job),
                 Err(_) => break,
             }
         }
         let outcomes = commit(&shared, &batch);
+        // After the new events, so their sequence numbers stay in commit order.
+        let redelivered: Vec<_> = redeliveries
+            .iter()
+            .map(|(seqs, _)| put_back(&shared, seqs))
+            .collect();
+        let newest_redelivered = redelivered
+            .iter()
+            .flat_map(|r| r.iter().flatten())
+            .filter_map(|r| match r {
+                Redelivery::Queued(seq) => Some(*seq),
+                _ => None,
+            })
+            .max();
         if outcomes
             .iter()
             .any(|o| matches!(o, Err(StoreError::Unwritable(_))))
@@ -91,6 +118,7 @@ pub(super) fn run(shared: Arc<Shared>, log_file: File, mut jobs: mpsc::Receiver<
                 Ok((Stored::New, seq)) => Some(*seq),
                 _ => None,
             })
+            .chain(newest_redelivered)
             .max();
         // A batch of duplicates only needs a sync if an earlier sync failed: otherwise every
         // original it found was synced before its own answer went out.
@@ -110,11 +138,24 @@ pub(super) fn run(shared: Arc<Shared>, log_file: File, mut jobs: mpsc::Receiver<
             };
             let _ = reply.send(answer);
         }
+        for ((_, reply), outcome) in redeliveries.drain(..).zip(redelivered) {
+            let answer = match (&failure, outcome) {
+                (Some(reason), Ok(_)) => Err(StoreError::Unwritable(reason.clone())),
+                (_, outcome) => outcome,
+            };
+            let _ = reply.send(answer);
+        }
         if stop {
             jobs.close();
             while let Ok(job) = jobs.try_recv() {
-                if let Job::Accept { reply, .. } = job {
-                    let _ = reply.send(Err(StoreError::Closed));
+                match job {
+                    Job::Accept { reply, .. } => {
+                        let _ = reply.send(Err(StoreError::Closed));
+                    }
+                    Job::Redeliver { reply, .. } => {
+                        let _ = reply.send(Err(StoreError::Closed));
+                    }
+                    Job::Stop => {}
                 }
             }
             let _ = flush(&shared, &log_file);
@@ -215,6 +256,74 @@ fn commit(shared: &Shared, batch: &[(OutboxRecord, Reply)]) -> Vec<Outcome> {
             outcomes
         }
     }
+}
+
+/// Moves archived events back into the outbox under new sequence numbers, marked as
+/// redelivered, in one transaction; their dedup entries follow them so the admin API still
+/// finds them by id. Room in the outbox is checked like for new events.
+fn put_back(shared: &Shared, seqs: &[u64]) -> Result<Vec<Redelivery>, StoreError> {
+    let room = shared
+        .outbox_max
+        .saturating_sub(shared.outbox_len.load(Ordering::Relaxed));
+    if seqs.len() as u64 > room {
+        return Err(StoreError::Full {
+            capacity: shared.outbox_max,
+        });
+    }
+    // Numbers are drawn outside the transaction, which may run more than once; unused ones
+    // are only gaps.
+    let fresh = seqs
+        .iter()
+        .map(|_| shared.db.generate_id())
+        .collect::<Result<Vec<u64>, _>>()
+        .map_err(|e| StoreError::Unwritable(e.to_string()))?;
+    let trees = (&shared.archive, &shared.outbox, &shared.dedup, &shared.meta);
+    let outcomes = trees
+        .transaction(|(archive, outbox, dedup, meta)| {
+            let mut outcomes = Vec::with_capacity(seqs.len());
+            let mut moved = 0i64;
+            for (old, new) in seqs.iter().zip(&fresh) {
+                let old_key = old.to_be_bytes();
+                let Some(bytes) = archive.remove(&old_key[..])? else {
+                    let pending = outbox.get(&old_key[..])?.is_some();
+                    outcomes.push(if pending {
+                        Redelivery::Pending
+                    } else {
+                        Redelivery::Missing
+                    });
+                    continue;
+                };
+                let (_, attempts, mut record) = decode_archived(&bytes)
+                    .map_err(|e| ConflictableTransactionError::Abort(StoreError::Record(e)))?;
+                record.redelivered = true;
+                record.attempts_before = attempts;
+                outbox.insert(&new.to_be_bytes()[..], record.encode())?;
+                let points_here = dedup
+                    .get(record.key.as_bytes())?
+                    .and_then(|v| DedupEntry::decode(&v))
+                    .filter(|e| e.seq == *old);
+                if let Some(entry) = points_here {
+                    let moved_entry = DedupEntry { seq: *new, ..entry };
+                    dedup.insert(record.key.as_bytes(), &moved_entry.encode()[..])?;
+                }
+                outcomes.push(Redelivery::Queued(*new));
+                moved += 1;
+            }
+            add_count(meta, ARCHIVE_COUNT, -moved)?;
+            add_count(meta, OUTBOX_COUNT, moved)?;
+            Ok(outcomes)
+        })
+        .map_err(|e| match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => StoreError::Unwritable(e.to_string()),
+        })?;
+    let moved = outcomes
+        .iter()
+        .filter(|o| matches!(o, Redelivery::Queued(_)))
+        .count() as u64;
+    shared.archive_len.fetch_sub(moved, Ordering::Relaxed);
+    shared.outbox_len.fetch_add(moved, Ordering::Relaxed);
+    Ok(outcomes)
 }
 
 fn flush(shared: &Shared, log_file: &File) -> Result<(), String> {

@@ -1,6 +1,7 @@
 //! One integration-test binary (one link step, shared helpers): the receiver's endpoint table,
 //! and the relay against a real RabbitMQ.
 
+mod admin;
 mod helpers;
 mod relay;
 mod webhook;

@@ -1,7 +1,10 @@
-//! The admin listener (localhost by default): `/metrics`, `/healthz`, `/readyz`.
+//! The admin listener (localhost by default): `/metrics`, `/healthz`, `/readyz`, and the admin
+//! API under `/admin/` ([`api`]).
 //!
 //! Kept off the public port so that scanners on the internet see neither our numbers nor our
 //! state, and so that a flood on the public port cannot starve the operator's view.
+
+mod api;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -9,6 +12,7 @@ use std::sync::Arc;
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
+use crate::config::Secret;
 use crate::metrics::Metrics;
 use crate::relay::{BrokerState, BrokerStatus};
 use crate::store::Store;
@@ -19,12 +23,17 @@ pub struct Admin {
     pub metrics: Metrics,
     pub broker: BrokerStatus,
     pub shutting_down: Arc<AtomicBool>,
+    /// Bearer token of `/admin/`; without one the admin API answers 404.
+    pub token: Option<Secret>,
+    /// Events per second a redrive republishes at most.
+    pub redrive_rate: u32,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/metrics", web::get().to(metrics))
         .route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz));
+        .route("/readyz", web::get().to(readyz))
+        .service(api::scope());
 }
 
 async fn metrics(admin: web::Data<Admin>) -> HttpResponse {
