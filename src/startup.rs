@@ -158,6 +158,7 @@ impl Application {
         let admin_task = tokio::spawn(admin);
         let relay_task = tokio::spawn(relay.run(shutdown.clone()));
         let sweeper_task = tokio::spawn(sweep(store.clone(), settings.clone(), shutdown.clone()));
+        let recovery_task = tokio::spawn(recover_store(store.clone(), shutdown.clone()));
         tracing::info!(settings = %settings.summary(), "kallina-relay serving");
 
         let early_exit = tokio::select! {
@@ -174,6 +175,7 @@ impl Application {
         };
         let _ = relay_task.await;
         let _ = sweeper_task.await;
+        let _ = recovery_task.await;
         let stats = store.stats();
         store.close();
         tracing::info!(
@@ -202,6 +204,18 @@ fn bind(address: std::net::SocketAddr, setting: &str) -> anyhow::Result<(TcpList
         .with_context(|| format!("cannot listen on {address} ({setting})"))?;
     let port = listener.local_addr()?.port();
     Ok((listener, port))
+}
+
+/// After a disk error the store stays unwritable until it reopens its database: asking every
+/// second brings readiness back soon after space returns, with or without traffic.
+async fn recover_store(store: Store, mut shutdown: Shutdown) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => store.recover(),
+            _ = shutdown.recv() => return,
+        }
+    }
 }
 
 /// Expires dedup keys and archived events older than their retention, every `sweep_interval`.

@@ -129,7 +129,7 @@ fn seq_of(key: &[u8]) -> Result<u64, StoreError> {
 impl Store {
     /// The event whose dedup key (the AMQP `message_id`) is `id`, wherever it is.
     pub fn find_event(&self, id: &str) -> Result<Option<EventView>, StoreError> {
-        let shared = &*self.inner.shared;
+        let shared = self.shared()?;
         let Some(entry) = shared
             .dedup
             .get(id.as_bytes())?
@@ -141,7 +141,7 @@ impl Store {
     }
 
     fn event_at(&self, seq: u64) -> Result<Option<EventView>, StoreError> {
-        let shared = &*self.inner.shared;
+        let shared = self.shared()?;
         if let Some(bytes) = shared.outbox.get(seq.to_be_bytes())? {
             let record = OutboxRecord::decode(&bytes)?;
             return Ok(Some(EventView {
@@ -171,7 +171,7 @@ impl Store {
     /// number. At most [`SCAN_LIMIT`] records are read per page, so a page may come back short
     /// with a cursor to go on from.
     pub fn list_events(&self, query: &EventQuery) -> Result<EventPage, StoreError> {
-        let shared = &*self.inner.shared;
+        let shared = self.shared()?;
         let start = query.after.map_or(0, |a| a.saturating_add(1)).to_be_bytes();
         let want = |status| query.status.is_none_or(|s| s == status);
         let mut pending = want(EventStatus::Pending)
@@ -247,7 +247,7 @@ impl Store {
     /// Sequence numbers of the archived events a redrive would put back.
     pub fn archived_matching(&self, query: &EventQuery) -> Result<Vec<u64>, StoreError> {
         let mut seqs = Vec::new();
-        for item in self.inner.shared.archive.iter() {
+        for item in self.shared()?.archive.iter() {
             let (key, bytes) = item?;
             let (_, _, record) = decode_archived(&bytes)?;
             if query.matches(&record) {
@@ -259,7 +259,7 @@ impl Store {
 
     /// Puts the event `id` back into the outbox, to be published again.
     pub async fn redeliver_event(&self, id: &str) -> Result<Redelivery, StoreError> {
-        let shared = &*self.inner.shared;
+        let shared = self.shared()?;
         let Some(entry) = shared
             .dedup
             .get(id.as_bytes())?
@@ -286,7 +286,7 @@ impl Store {
     /// Removes archived events first received before `now - retention`; returns how many.
     pub fn sweep_archive(&self, retention: Duration) -> Result<u64, StoreError> {
         let cutoff_ms = unix_millis(SystemTime::now()).saturating_sub(retention.as_millis() as u64);
-        let shared = &*self.inner.shared;
+        let shared = self.shared()?;
         let mut removed = 0;
         loop {
             let mut expired = Vec::new();
@@ -313,7 +313,8 @@ impl Store {
                         Ok::<_, ConflictableTransactionError<()>>(swept)
                     })
                     .map_err(transaction_error)?;
-                shared
+                self.inner
+                    .slot
                     .archive_len
                     .fetch_sub(swept, std::sync::atomic::Ordering::Relaxed);
                 removed += swept;

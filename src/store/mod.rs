@@ -26,7 +26,7 @@ mod writer;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -37,7 +37,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use archive::{EventPage, EventQuery, EventStatus, EventView, Redelivery};
 pub use record::{OutboxRecord, RecordError};
 
-use writer::{Job, Shared};
+use writer::{Job, Shared, Slot};
 
 /// Why the store could not take or give an event.
 #[derive(Debug, thiserror::Error)]
@@ -186,7 +186,7 @@ pub struct Store {
 }
 
 struct Inner {
-    shared: Arc<Shared>,
+    slot: Arc<Slot>,
     keep_archive: bool,
     jobs: mpsc::Sender<Job>,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -206,57 +206,29 @@ impl Store {
     /// Opens (or creates) the database; fails with [`StoreError::Locked`] if another process
     /// has it open.
     pub fn open(options: &StoreOptions) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(&options.data_dir)
-            .map_err(|e| StoreError::Unwritable(format!("{}: {e}", options.data_dir.display())))?;
-        let db = sled::Config::new()
-            .path(&options.data_dir)
-            .cache_capacity(options.cache_size)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
-                    StoreError::Locked(options.data_dir.clone())
-                }
-                other => StoreError::Sled(other),
-            })?;
-        let log_file = OpenOptions::new()
-            .read(true)
-            .open(log_file_path(&options.data_dir))
-            .map_err(|e| StoreError::Unwritable(format!("sled log file: {e}")))?;
-        let dedup = db.open_tree("dedup")?;
-        let dedup_by_time = db.open_tree("dedup_by_time")?;
-        let outbox = db.open_tree("outbox")?;
-        let archive = db.open_tree("archive")?;
-        let meta = db.open_tree("meta")?;
-        let outbox_count = stored_count(&meta, OUTBOX_COUNT, &outbox)?;
-        let dedup_count = stored_count(&meta, DEDUP_COUNT, &dedup)?;
-        let archive_count = stored_count(&meta, ARCHIVE_COUNT, &archive)?;
+        let (shared, counts) = open_database(options)?;
         // Everything recovered at open is on disk already; new numbers are above it.
-        let (durable, _) = watch::channel(db.generate_id()?);
-        let shared = Arc::new(Shared {
-            outbox_len: AtomicU64::new(outbox_count),
-            dedup_len: AtomicU64::new(dedup_count),
-            archive_len: AtomicU64::new(archive_count),
-            db,
-            dedup,
-            dedup_by_time,
-            outbox,
-            archive,
-            meta,
-            outbox_max: options.outbox_max,
+        let (durable, _) = watch::channel(shared.db.generate_id()?);
+        let slot = Arc::new(Slot {
+            current: RwLock::new(Some(Arc::new(shared))),
             durable,
             writable: true.into(),
+            outbox_len: AtomicU64::new(counts.outbox),
+            dedup_len: AtomicU64::new(counts.dedup),
+            archive_len: AtomicU64::new(counts.archive),
+            options: options.clone(),
         });
         let (jobs, queue) = mpsc::channel(4 * writer::MAX_BATCH);
         let writer = {
-            let shared = shared.clone();
+            let slot = slot.clone();
             std::thread::Builder::new()
                 .name("store-writer".into())
-                .spawn(move || writer::run(shared, log_file, queue))
+                .spawn(move || writer::run(slot, queue))
                 .map_err(|e| StoreError::Unwritable(format!("cannot start the writer: {e}")))?
         };
         Ok(Self {
             inner: Arc::new(Inner {
-                shared,
+                slot,
                 keep_archive: options.keep_archive,
                 jobs,
                 writer: Mutex::new(Some(writer)),
@@ -264,18 +236,32 @@ impl Store {
         })
     }
 
+    /// The open database, or `Unwritable` while the writer reopens it after a disk error.
+    fn shared(&self) -> Result<Arc<Shared>, StoreError> {
+        self.inner.slot.get()
+    }
+
+    /// Asks the writer to reopen the database if a disk error left it unwritable: sled stays
+    /// failed after an I/O error, so once space is back only a reopen brings writes back.
+    /// Cheap when the store is writable (nothing is sent).
+    pub fn recover(&self) {
+        if !self.inner.slot.writable.load(Ordering::Acquire) {
+            let _ = self.inner.jobs.try_send(Job::Recover);
+        }
+    }
+
     /// True if `key` was stored before and that write is already on disk: a retry that needs
     /// nothing written and nothing waited for.
     pub fn is_durable_duplicate(&self, key: &str) -> Result<bool, StoreError> {
-        let shared = &self.inner.shared;
-        let found = shared.dedup.get(key.as_bytes()).inspect_err(|_| {
+        let slot = &self.inner.slot;
+        let found = self.shared()?.dedup.get(key.as_bytes()).inspect_err(|_| {
             // sled fails every operation after an I/O error: readiness must say so at once.
-            shared.writable.store(false, Ordering::Release);
+            slot.writable.store(false, Ordering::Release);
         })?;
         let Some(entry) = found.and_then(|v| DedupEntry::decode(&v)) else {
             return Ok(false);
         };
-        Ok(entry.seq <= *shared.durable.borrow() && shared.writable.load(Ordering::Acquire))
+        Ok(entry.seq <= *slot.durable.borrow() && slot.writable.load(Ordering::Acquire))
     }
 
     /// Stores `record` under its dedup key, once, and returns when that is durable.
@@ -294,7 +280,7 @@ impl Store {
 
     /// Changes whenever more of the outbox becomes durable: the relay's wake-up call.
     pub fn durability(&self) -> watch::Receiver<u64> {
-        self.inner.shared.durable.subscribe()
+        self.inner.slot.durable.subscribe()
     }
 
     /// Up to `limit` durable outbox records with sequence numbers above `after`, oldest first.
@@ -303,13 +289,12 @@ impl Store {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<(u64, OutboxRecord)>, StoreError> {
-        let durable = *self.inner.shared.durable.borrow();
+        let durable = *self.inner.slot.durable.borrow();
         let start = after.map_or(0, |a| a.saturating_add(1));
         if start > durable {
             return Ok(Vec::new());
         }
-        self.inner
-            .shared
+        self.shared()?
             .outbox
             .range(start.to_be_bytes()..=durable.to_be_bytes())
             .take(limit)
@@ -331,7 +316,8 @@ impl Store {
         if confirmed.is_empty() {
             return Ok(());
         }
-        let shared = &*self.inner.shared;
+        let shared = self.shared()?;
+        let slot = &self.inner.slot;
         let keep = self.inner.keep_archive;
         let published_at_ms = unix_millis(SystemTime::now());
         let moved = (&shared.outbox, &shared.archive, &shared.meta)
@@ -355,9 +341,9 @@ impl Store {
                 Ok::<_, ConflictableTransactionError<()>>(moved)
             })
             .map_err(transaction_error)?;
-        shared.outbox_len.fetch_sub(moved, Ordering::Relaxed);
+        slot.outbox_len.fetch_sub(moved, Ordering::Relaxed);
         if keep {
-            shared.archive_len.fetch_add(moved, Ordering::Relaxed);
+            slot.archive_len.fetch_add(moved, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -365,7 +351,7 @@ impl Store {
     /// Deletes dedup keys first received before `now - retention`; returns how many.
     pub fn sweep_expired(&self, retention: Duration) -> Result<u64, StoreError> {
         let cutoff_ms = unix_millis(SystemTime::now()).saturating_sub(retention.as_millis() as u64);
-        let inner = &*self.inner.shared;
+        let inner = self.shared()?;
         let mut removed = 0;
         // Batches whose newest event is older than the cutoff hold only expired keys.
         let end = TimeIndexKey {
@@ -397,31 +383,33 @@ impl Store {
                     Ok::<_, ConflictableTransactionError<()>>(swept)
                 })
                 .map_err(transaction_error)?;
-            inner.dedup_len.fetch_sub(swept, Ordering::Relaxed);
+            self.inner
+                .slot
+                .dedup_len
+                .fetch_sub(swept, Ordering::Relaxed);
             removed += swept;
             inner.dedup_by_time.remove(index_key)?;
         }
     }
 
     pub fn stats(&self) -> StoreStats {
-        let inner = &*self.inner.shared;
-        let oldest = inner
-            .outbox
-            .first()
+        let slot = &*self.inner.slot;
+        let oldest = self
+            .shared()
             .ok()
-            .flatten()
+            .and_then(|shared| shared.outbox.first().ok().flatten())
             .and_then(|(_, v)| OutboxRecord::decode(&v).ok())
             .map(|r| {
                 let now = unix_millis(SystemTime::now());
                 Duration::from_millis(now.saturating_sub(r.received_at_ms))
             });
         StoreStats {
-            outbox_events: inner.outbox_len.load(Ordering::Relaxed),
-            outbox_capacity: inner.outbox_max,
+            outbox_events: slot.outbox_len.load(Ordering::Relaxed),
+            outbox_capacity: slot.options.outbox_max,
             outbox_oldest_age: oldest,
-            dedup_keys: inner.dedup_len.load(Ordering::Relaxed),
-            archive_events: inner.archive_len.load(Ordering::Relaxed),
-            writable: inner.writable.load(Ordering::Acquire),
+            dedup_keys: slot.dedup_len.load(Ordering::Relaxed),
+            archive_events: slot.archive_len.load(Ordering::Relaxed),
+            writable: slot.writable.load(Ordering::Acquire),
         }
     }
 
@@ -462,6 +450,53 @@ impl Drop for Inner {
     fn drop(&mut self) {
         self.stop_writer();
     }
+}
+
+/// Counts kept in `meta`, read at open.
+struct Counts {
+    outbox: u64,
+    dedup: u64,
+    archive: u64,
+}
+
+/// Opens sled on the data directory, with its trees and a handle on its log file for fdatasync.
+fn open_database(options: &StoreOptions) -> Result<(Shared, Counts), StoreError> {
+    std::fs::create_dir_all(&options.data_dir)
+        .map_err(|e| StoreError::Unwritable(format!("{}: {e}", options.data_dir.display())))?;
+    let db = sled::Config::new()
+        .path(&options.data_dir)
+        .cache_capacity(options.cache_size)
+        .open()
+        .map_err(|e| match e {
+            sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
+                StoreError::Locked(options.data_dir.clone())
+            }
+            other => StoreError::Sled(other),
+        })?;
+    let log_file = OpenOptions::new()
+        .read(true)
+        .open(log_file_path(&options.data_dir))
+        .map_err(|e| StoreError::Unwritable(format!("sled log file: {e}")))?;
+    let dedup = db.open_tree("dedup")?;
+    let dedup_by_time = db.open_tree("dedup_by_time")?;
+    let outbox = db.open_tree("outbox")?;
+    let archive = db.open_tree("archive")?;
+    let meta = db.open_tree("meta")?;
+    let counts = Counts {
+        outbox: stored_count(&meta, OUTBOX_COUNT, &outbox)?,
+        dedup: stored_count(&meta, DEDUP_COUNT, &dedup)?,
+        archive: stored_count(&meta, ARCHIVE_COUNT, &archive)?,
+    };
+    let shared = Shared {
+        db,
+        log_file,
+        dedup,
+        dedup_by_time,
+        outbox,
+        archive,
+        meta,
+    };
+    Ok((shared, counts))
 }
 
 /// sled 0.34 keeps its log in `<data_dir>/db`.

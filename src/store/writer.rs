@@ -19,7 +19,8 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
@@ -27,8 +28,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::archive::{decode_archived, Redelivery};
 use super::{
-    add_count, encode_keys, DedupEntry, OutboxRecord, StoreError, Stored, TimeIndexKey,
-    ARCHIVE_COUNT, DEDUP_COUNT, OUTBOX_COUNT,
+    add_count, encode_keys, open_database, DedupEntry, OutboxRecord, StoreError, StoreOptions,
+    Stored, TimeIndexKey, ARCHIVE_COUNT, DEDUP_COUNT, OUTBOX_COUNT,
 };
 
 /// Most requests written in one transaction and covered by one fsync.
@@ -45,43 +46,73 @@ pub(super) enum Job {
         seqs: Vec<u64>,
         reply: oneshot::Sender<Result<Vec<Redelivery>, StoreError>>,
     },
+    /// Reopen the database if a disk error left it unwritable.
+    Recover,
     /// Answer what is queued, flush, and exit.
     Stop,
 }
 
-/// What the writer shares with readers of the store.
+/// The open database: sled, its trees, and our own handle on its log file (for fdatasync).
+/// Replaced as a whole when the writer reopens the database after a disk error.
 pub(super) struct Shared {
     pub db: sled::Db,
+    pub log_file: File,
     pub dedup: sled::Tree,
     pub dedup_by_time: sled::Tree,
     pub outbox: sled::Tree,
     pub archive: sled::Tree,
     pub meta: sled::Tree,
+}
+
+/// What lives as long as the store, across reopenings: the current database (none while it
+/// is being reopened), the durability mark the relay waits on, readiness, and the counts.
+pub(super) struct Slot {
+    pub current: RwLock<Option<Arc<Shared>>>,
+    /// Every outbox sequence number at or below this is on disk; the relay reads up to it.
+    pub durable: watch::Sender<u64>,
+    /// False after a failed write or flush, true again after the next good flush.
+    pub writable: AtomicBool,
     pub outbox_len: AtomicU64,
     pub dedup_len: AtomicU64,
     pub archive_len: AtomicU64,
-    pub outbox_max: u64,
-    /// Every outbox sequence number at or below this is on disk; the relay reads up to it.
-    pub durable: watch::Sender<u64>,
-    /// False after a failed flush, true again after the next good one.
-    pub writable: AtomicBool,
+    pub options: StoreOptions,
+}
+
+impl Slot {
+    pub fn get(&self) -> Result<Arc<Shared>, StoreError> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                StoreError::Unwritable("the database is being reopened after a disk error".into())
+            })
+    }
 }
 
 type Reply = oneshot::Sender<Result<Stored, StoreError>>;
 type RedeliverReply = oneshot::Sender<Result<Vec<Redelivery>, StoreError>>;
 
+/// Reopening after a disk error is tried at most this often.
+const REOPEN_PAUSE: Duration = Duration::from_secs(1);
+/// How long a reopening waits for readers to let go of the old database.
+const REOPEN_WAIT: Duration = Duration::from_secs(5);
+
 /// The writer's loop; returns after a `Stop` or when every sender is gone.
-pub(super) fn run(shared: Arc<Shared>, log_file: File, mut jobs: mpsc::Receiver<Job>) {
+pub(super) fn run(slot: Arc<Slot>, mut jobs: mpsc::Receiver<Job>) {
     let mut batch: Vec<(OutboxRecord, Reply)> = Vec::with_capacity(MAX_BATCH);
     let mut redeliveries: Vec<(Vec<u64>, RedeliverReply)> = Vec::new();
+    let mut last_reopen: Option<Instant> = None;
     loop {
         let mut stop = false;
+        let mut recover = false;
         let mut next = jobs.blocking_recv();
         loop {
             match next {
                 None | Some(Job::Stop) => stop = true,
                 Some(Job::Accept { record, reply }) => batch.push((record, reply)),
                 Some(Job::Redeliver { seqs, reply }) => redeliveries.push((seqs, reply)),
+                Some(Job::Recover) => recover = true,
             }
             if stop || batch.len() + redeliveries.len() >= MAX_BATCH {
                 break;
@@ -91,59 +122,29 @@ pub(super) fn run(shared: Arc<Shared>, log_file: File, mut jobs: mpsc::Receiver<
                 Err(_) => break,
             }
         }
-        let outcomes = commit(&shared, &batch);
-        // After the new events, so their sequence numbers stay in commit order.
-        let redelivered: Vec<_> = redeliveries
-            .iter()
-            .map(|(seqs, _)| put_back(&shared, seqs))
-            .collect();
-        let newest_redelivered = redelivered
-            .iter()
-            .flat_map(|r| r.iter().flatten())
-            .filter_map(|r| match r {
-                Redelivery::Queued(seq) => Some(*seq),
-                _ => None,
-            })
-            .max();
-        if outcomes
-            .iter()
-            .any(|o| matches!(o, Err(StoreError::Unwritable(_))))
+        // sled fails every operation after an I/O error, even once space is back: an
+        // unwritable store is reopened (at most once per pause) before it writes again.
+        let has_work = recover || !batch.is_empty() || !redeliveries.is_empty();
+        if has_work
+            && !slot.writable.load(Ordering::Acquire)
+            && last_reopen.is_none_or(|t| t.elapsed() >= REOPEN_PAUSE)
         {
-            // Not writable until a flush succeeds again: readiness must say so at once.
-            shared.writable.store(false, Ordering::Release);
+            last_reopen = Some(Instant::now());
+            match reopen(&slot) {
+                Ok(()) => tracing::warn!("store reopened after a disk error; writes resume"),
+                Err(e) => tracing::warn!(error = %e, "store still unwritable; will try again"),
+            }
         }
-        let newest = outcomes
-            .iter()
-            .filter_map(|o| match o {
-                Ok((Stored::New, seq)) => Some(*seq),
-                _ => None,
-            })
-            .chain(newest_redelivered)
-            .max();
-        // A batch of duplicates only needs a sync if an earlier sync failed: otherwise every
-        // original it found was synced before its own answer went out.
-        let needs_sync = newest.is_some() || !shared.writable.load(Ordering::Acquire);
-        let failure = if needs_sync {
-            flush(&shared, &log_file).err()
-        } else {
-            None
-        };
-        if let (None, Some(newest)) = (&failure, newest) {
-            shared.durable.send_replace(newest);
-        }
-        for ((_, reply), outcome) in batch.drain(..).zip(outcomes) {
-            let answer = match (&failure, outcome) {
-                (Some(reason), Ok(_)) => Err(StoreError::Unwritable(reason.clone())),
-                (_, outcome) => outcome.map(|(stored, _)| stored),
-            };
-            let _ = reply.send(answer);
-        }
-        for ((_, reply), outcome) in redeliveries.drain(..).zip(redelivered) {
-            let answer = match (&failure, outcome) {
-                (Some(reason), Ok(_)) => Err(StoreError::Unwritable(reason.clone())),
-                (_, outcome) => outcome,
-            };
-            let _ = reply.send(answer);
+        match slot.get() {
+            Ok(shared) => write_batch(&slot, &shared, &mut batch, &mut redeliveries),
+            Err(e) => {
+                for (_, reply) in batch.drain(..) {
+                    let _ = reply.send(Err(StoreError::Unwritable(e.to_string())));
+                }
+                for (_, reply) in redeliveries.drain(..) {
+                    let _ = reply.send(Err(StoreError::Unwritable(e.to_string())));
+                }
+            }
         }
         if stop {
             jobs.close();
@@ -155,13 +156,117 @@ pub(super) fn run(shared: Arc<Shared>, log_file: File, mut jobs: mpsc::Receiver<
                     Job::Redeliver { reply, .. } => {
                         let _ = reply.send(Err(StoreError::Closed));
                     }
-                    Job::Stop => {}
+                    Job::Recover | Job::Stop => {}
                 }
             }
-            let _ = flush(&shared, &log_file);
+            if let Ok(shared) = slot.get() {
+                let _ = flush(&slot, &shared);
+            }
             return;
         }
     }
+}
+
+/// Commits, syncs and answers one batch.
+fn write_batch(
+    slot: &Slot,
+    shared: &Shared,
+    batch: &mut Vec<(OutboxRecord, Reply)>,
+    redeliveries: &mut Vec<(Vec<u64>, RedeliverReply)>,
+) {
+    let outcomes = commit(slot, shared, batch);
+    // After the new events, so their sequence numbers stay in commit order.
+    let redelivered: Vec<_> = redeliveries
+        .iter()
+        .map(|(seqs, _)| put_back(slot, shared, seqs))
+        .collect();
+    let newest_redelivered = redelivered
+        .iter()
+        .flat_map(|r| r.iter().flatten())
+        .filter_map(|r| match r {
+            Redelivery::Queued(seq) => Some(*seq),
+            _ => None,
+        })
+        .max();
+    if outcomes
+        .iter()
+        .any(|o| matches!(o, Err(StoreError::Unwritable(_))))
+    {
+        // Not writable until a flush succeeds again: readiness must say so at once.
+        slot.writable.store(false, Ordering::Release);
+    }
+    let newest = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            Ok((Stored::New, seq)) => Some(*seq),
+            _ => None,
+        })
+        .chain(newest_redelivered)
+        .max();
+    // A batch of duplicates only needs a sync if an earlier sync failed: otherwise every
+    // original it found was synced before its own answer went out.
+    let needs_sync = newest.is_some() || !slot.writable.load(Ordering::Acquire);
+    let failure = if needs_sync {
+        flush(slot, shared).err()
+    } else {
+        None
+    };
+    if let (None, Some(newest)) = (&failure, newest) {
+        slot.durable.send_replace(newest);
+    }
+    for ((_, reply), outcome) in batch.drain(..).zip(outcomes) {
+        let answer = match (&failure, outcome) {
+            (Some(reason), Ok(_)) => Err(StoreError::Unwritable(reason.clone())),
+            (_, outcome) => outcome.map(|(stored, _)| stored),
+        };
+        let _ = reply.send(answer);
+    }
+    for ((_, reply), outcome) in redeliveries.drain(..).zip(redelivered) {
+        let answer = match (&failure, outcome) {
+            (Some(reason), Ok(_)) => Err(StoreError::Unwritable(reason.clone())),
+            (_, outcome) => outcome,
+        };
+        let _ = reply.send(answer);
+    }
+}
+
+/// Closes the failed database and opens it again. Readers get `Unwritable` meanwhile; the old
+/// database is dropped only once no reader holds it, because sled's file lock is released only
+/// when its last handle goes. What the reopened database recovers from disk is durable.
+fn reopen(slot: &Slot) -> Result<(), StoreError> {
+    let old = slot
+        .current
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if let Some(old) = old {
+        let deadline = Instant::now() + REOPEN_WAIT;
+        while Arc::strong_count(&old) > 1 {
+            if Instant::now() >= deadline {
+                *slot.current.write().unwrap_or_else(|p| p.into_inner()) = Some(old);
+                return Err(StoreError::Unwritable(
+                    "the old database is still in use".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(old);
+    }
+    let (shared, counts) = open_database(&slot.options)?;
+    let recovered = shared.db.generate_id()?;
+    slot.durable.send_if_modified(|durable| {
+        let raise = recovered > *durable;
+        if raise {
+            *durable = recovered;
+        }
+        raise
+    });
+    slot.outbox_len.store(counts.outbox, Ordering::Relaxed);
+    slot.dedup_len.store(counts.dedup, Ordering::Relaxed);
+    slot.archive_len.store(counts.archive, Ordering::Relaxed);
+    let synced = flush(slot, &shared);
+    *slot.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(shared));
+    synced.map_err(StoreError::Unwritable)
 }
 
 type Outcome = Result<(Stored, u64), StoreError>;
@@ -174,20 +279,21 @@ type Outcome = Result<(Stored, u64), StoreError>;
 /// The "seen before?" reads happen before the transaction, outside it: this thread is the only
 /// writer, so nothing can add a key in between, and the transaction stays a pure write (which
 /// measured a quarter cheaper per event than reading inside it).
-fn commit(shared: &Shared, batch: &[(OutboxRecord, Reply)]) -> Vec<Outcome> {
+fn commit(slot: &Slot, shared: &Shared, batch: &[(OutboxRecord, Reply)]) -> Vec<Outcome> {
     let mut outcomes: Vec<Outcome> = Vec::with_capacity(batch.len());
     let mut new: Vec<(usize, u64, Vec<u8>)> = Vec::new();
     let mut seen_in_batch = HashSet::new();
-    let room = shared
+    let room = slot
+        .options
         .outbox_max
-        .saturating_sub(shared.outbox_len.load(Ordering::Relaxed));
+        .saturating_sub(slot.outbox_len.load(Ordering::Relaxed));
     for (i, (record, _)) in batch.iter().enumerate() {
         let outcome = match shared.dedup.get(record.key.as_bytes()) {
             Err(e) => Err(StoreError::Unwritable(e.to_string())),
             Ok(Some(_)) => Ok((Stored::Duplicate, 0)),
             Ok(None) if !seen_in_batch.insert(record.key.as_str()) => Ok((Stored::Duplicate, 0)),
             Ok(None) if new.len() as u64 >= room => Err(StoreError::Full {
-                capacity: shared.outbox_max,
+                capacity: slot.options.outbox_max,
             }),
             Ok(None) => match shared.db.generate_id() {
                 Err(e) => Err(StoreError::Unwritable(e.to_string())),
@@ -237,11 +343,9 @@ fn commit(shared: &Shared, batch: &[(OutboxRecord, Reply)]) -> Vec<Outcome> {
     });
     match result {
         Ok(()) => {
-            shared
-                .outbox_len
+            slot.outbox_len
                 .fetch_add(new.len() as u64, Ordering::Relaxed);
-            shared
-                .dedup_len
+            slot.dedup_len
                 .fetch_add(new.len() as u64, Ordering::Relaxed);
             outcomes
         }
@@ -261,13 +365,14 @@ fn commit(shared: &Shared, batch: &[(OutboxRecord, Reply)]) -> Vec<Outcome> {
 /// Moves archived events back into the outbox under new sequence numbers, marked as
 /// redelivered, in one transaction; their dedup entries follow them so the admin API still
 /// finds them by id. Room in the outbox is checked like for new events.
-fn put_back(shared: &Shared, seqs: &[u64]) -> Result<Vec<Redelivery>, StoreError> {
-    let room = shared
+fn put_back(slot: &Slot, shared: &Shared, seqs: &[u64]) -> Result<Vec<Redelivery>, StoreError> {
+    let room = slot
+        .options
         .outbox_max
-        .saturating_sub(shared.outbox_len.load(Ordering::Relaxed));
+        .saturating_sub(slot.outbox_len.load(Ordering::Relaxed));
     if seqs.len() as u64 > room {
         return Err(StoreError::Full {
-            capacity: shared.outbox_max,
+            capacity: slot.options.outbox_max,
         });
     }
     // Numbers are drawn outside the transaction, which may run more than once; unused ones
@@ -321,22 +426,22 @@ fn put_back(shared: &Shared, seqs: &[u64]) -> Result<Vec<Redelivery>, StoreError
         .iter()
         .filter(|o| matches!(o, Redelivery::Queued(_)))
         .count() as u64;
-    shared.archive_len.fetch_sub(moved, Ordering::Relaxed);
-    shared.outbox_len.fetch_add(moved, Ordering::Relaxed);
+    slot.archive_len.fetch_sub(moved, Ordering::Relaxed);
+    slot.outbox_len.fetch_add(moved, Ordering::Relaxed);
     Ok(outcomes)
 }
 
-fn flush(shared: &Shared, log_file: &File) -> Result<(), String> {
+fn flush(slot: &Slot, shared: &Shared) -> Result<(), String> {
     let result = shared
         .db
         .flush()
         .map_err(|e| e.to_string())
-        .and_then(|_| log_file.sync_data().map_err(|e| e.to_string()));
+        .and_then(|_| shared.log_file.sync_data().map_err(|e| e.to_string()));
     match &result {
-        Ok(()) => shared.writable.store(true, Ordering::Release),
+        Ok(()) => slot.writable.store(true, Ordering::Release),
         Err(reason) => {
             tracing::error!(%reason, "store flush failed; answering 503 until a flush succeeds");
-            shared.writable.store(false, Ordering::Release);
+            slot.writable.store(false, Ordering::Release);
         }
     }
     result

@@ -850,7 +850,7 @@ async fn a_thousand_idle_connections_do_not_keep_real_clients_out() {
 }
 
 #[tokio::test]
-async fn a_full_disk_answers_503_and_loses_nothing_answered_2xx() {
+async fn a_full_disk_answers_503_loses_nothing_answered_2xx_and_recovers_when_space_returns() {
     if unsafe { libc::geteuid() } != 0 {
         println!("skipped: mounting a small tmpfs for the data directory needs root");
         return;
@@ -912,27 +912,40 @@ async fn a_full_disk_answers_503_and_loses_nothing_answered_2xx() {
     assert!(not_ready, "never reported not ready ({refused} refusals)");
     assert!(!accepted.is_empty());
 
-    // Space comes back; sled 0.34 stays failed after a write error, so the process restarts.
-    app.stop().await;
+    // Space comes back: the service recovers by itself, without a restart.
     std::fs::remove_file(&filler).unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "readiness after space returned",
+        || async { app.readyz().await.0 == 200 },
+    )
+    .await;
+    nothing_answered_2xx_is_lost(&app, &accepted).await;
+    assert_eq!(
+        app.post_signed(event_body("call.ended", "after-recovery"))
+            .await
+            .status()
+            .as_u16(),
+        202
+    );
 
-    // Everything answered 2xx is still there after a restart.
+    // And a restart finds all of it too.
+    app.stop().await;
     let app = spawn_app_at(Config::default(), &data_dir, names, None).await;
-    for body in &accepted {
+    nothing_answered_2xx_is_lost(&app, &accepted).await;
+    app.stop().await;
+    println!("disk full after {} accepted events", accepted.len());
+}
+
+async fn nothing_answered_2xx_is_lost(app: &TestApp, accepted: &[String]) {
+    for body in accepted {
         assert_eq!(
             app.post_signed(body.clone()).await.status().as_u16(),
             200,
             "a 2xx'd event was lost"
         );
     }
-    assert_eq!(app.outbox_depth().await, accepted.len() as u64);
-    assert_eq!(
-        app.post_signed(event_body("call.ended", "after-restart"))
-            .await
-            .status()
-            .as_u16(),
-        202
-    );
-    app.stop().await;
-    println!("disk full after {} accepted events", accepted.len());
+    // Events of a batch that failed may have reached the disk too: they were answered 503, so
+    // the platform sends them again and gets a duplicate. More is fine, fewer is not.
+    assert!(app.outbox_depth().await >= accepted.len() as u64);
 }
