@@ -17,7 +17,7 @@ use actix_web::{web, App, HttpServer};
 use anyhow::Context;
 
 use crate::admin::{self, Admin};
-use crate::config::Settings;
+use crate::config::{Settings, TlsFiles};
 use crate::ingress::{self, assign_request_id, Ingress};
 use crate::metrics::Metrics;
 use crate::relay::{BrokerStatus, Relay, RelayOptions};
@@ -75,8 +75,11 @@ impl Application {
         // its 5 s request-head timeout, so they free their slot for real clients.
         .max_connections(settings.max_connections.div_ceil(workers))
         .disable_signals()
-        .shutdown_timeout(settings.shutdown_grace.as_secs().max(1))
-        .listen(listener)?
+        .shutdown_timeout(settings.shutdown_grace.as_secs().max(1));
+        let public = match &settings.tls {
+            Some(files) => public.listen_rustls_0_23(listener, tls_config(files)?)?,
+            None => public.listen(listener)?,
+        }
         .run();
 
         let (admin_listener, admin_port) =
@@ -196,6 +199,41 @@ impl Application {
             .context("the public listener failed")?;
         Ok(())
     }
+}
+
+/// The public listener's TLS: the certificate chain and key read once, at start, so that a
+/// missing or unreadable file stops the start instead of failing every handshake. ring is the
+/// crypto provider (no C toolchain needed to build); TLS 1.2 and 1.3 with rustls's defaults.
+fn tls_config(files: &TlsFiles) -> anyhow::Result<rustls::ServerConfig> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+    let certs = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .with_context(|| {
+            format!(
+                "cannot read the TLS certificate chain {} (KALLINA_RELAY_TLS_CERT)",
+                files.cert.display()
+            )
+        })?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "no certificate in {} (KALLINA_RELAY_TLS_CERT)",
+        files.cert.display()
+    );
+    let key = PrivateKeyDer::from_pem_file(&files.key).with_context(|| {
+        format!(
+            "cannot read the TLS private key {} (KALLINA_RELAY_TLS_KEY)",
+            files.key.display()
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("the TLS key does not match the certificate (KALLINA_RELAY_TLS_CERT/KEY)")
 }
 
 /// Binds a listener; the error names the setting to change. Returns the port actually bound.

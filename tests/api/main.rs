@@ -4,4 +4,5 @@
 mod admin;
 mod helpers;
 mod relay;
+mod tls;
 mod webhook;
