@@ -71,6 +71,7 @@ impl Application {
                 .configure(ingress::routes)
         })
         .workers(workers)
+        .on_connect(ingress::remember_connection)
         // actix counts per worker; idle connections that send no request are dropped after
         // its 5 s request-head timeout, so they free their slot for real clients.
         .max_connections(settings.max_connections.div_ceil(workers))

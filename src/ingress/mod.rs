@@ -5,6 +5,7 @@
 //! window; only then does it reach the [store](crate::store), and the answer is 2xx only once
 //! the store says the event is on disk.
 
+mod connection;
 mod envelope;
 mod error;
 mod request_id;
@@ -21,6 +22,7 @@ use sha2::{Digest, Sha256};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+pub use connection::remember as remember_connection;
 pub use envelope::{parse as parse_envelope, Envelope, PayloadError};
 pub use error::{error_body, IngressError};
 pub use request_id::{assign as assign_request_id, RequestId};
@@ -153,7 +155,15 @@ async fn receive(
             status: "duplicate",
             id: key,
         }),
-        Err(e) => e.to_response(&request_id),
+        Err(e) => {
+            if matches!(
+                e,
+                IngressError::PayloadTooLarge { .. } | IngressError::RequestTimeout { .. }
+            ) {
+                connection::stop_reading(&req);
+            }
+            e.to_response(&request_id)
+        }
     };
     let outcome = match &result {
         Ok((Stored::New, _)) => "accepted",

@@ -3,6 +3,7 @@
 
 mod admin;
 mod helpers;
+mod hostile;
 mod relay;
 mod tls;
 mod webhook;

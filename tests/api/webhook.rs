@@ -633,11 +633,12 @@ async fn the_sign_command_prints_what_the_platform_sends() {
 }
 
 #[tokio::test]
-async fn no_secret_or_amqp_password_reaches_the_logs_of_a_full_run() {
+async fn no_secret_token_or_amqp_password_reaches_the_logs_of_a_full_run() {
     let dir = tempfile::tempdir().unwrap();
     let (port, admin_port) = (free_port(), free_port());
     let webhook_secret = "whsec_never_log_me_7f3a";
     let amqp_password = "amqp_never_log_me_91c2";
+    let admin_token = "admin_token_never_log_me_5d8e";
     // A file, not a pipe: at trace level the logs would fill a pipe nobody reads yet.
     let log_path = dir.path().join("relay.log");
     let log_file = std::fs::File::create(&log_path).unwrap();
@@ -657,6 +658,7 @@ async fn no_secret_or_amqp_password_reaches_the_logs_of_a_full_run() {
             format!("127.0.0.1:{admin_port}"),
         )
         .env("KALLINA_RELAY_DATA_DIR", dir.path().join("data"))
+        .env("KALLINA_RELAY_ADMIN_TOKEN", admin_token)
         .env("KALLINA_RELAY_LOG_FORMAT", "json")
         .env("RUST_LOG", "trace")
         .stdout(std::process::Stdio::null())
@@ -678,6 +680,15 @@ async fn no_secret_or_amqp_password_reaches_the_logs_of_a_full_run() {
             .post(format!("http://127.0.0.1:{port}/webhooks/kallina"))
             .header("X-Kallina-Signature", header)
             .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+    }
+    // The admin API, with the right token and a wrong one.
+    for token in [admin_token, "admin_token_wrong_0000000"] {
+        client
+            .get(format!("{admin}/admin/events"))
+            .bearer_auth(token)
             .send()
             .await
             .unwrap();
@@ -705,7 +716,12 @@ async fn no_secret_or_amqp_password_reaches_the_logs_of_a_full_run() {
         logs.contains("relay session ended"),
         "the broker failure was logged"
     );
-    for secret in [webhook_secret, "older_secret_never_logged", amqp_password] {
+    for secret in [
+        webhook_secret,
+        "older_secret_never_logged",
+        amqp_password,
+        admin_token,
+    ] {
         assert!(!logs.contains(secret), "{secret} appears in the logs");
     }
     assert!(!logs.contains(&body), "a whole payload appears in the logs");
