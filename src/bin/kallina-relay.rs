@@ -26,6 +26,7 @@ fn main() -> ExitCode {
             }
         },
         Some(Command::Serve(args)) => serve(&args),
+        Some(client) => cli::run_client(client, &cli.serve),
         None => serve(&cli.serve),
     }
 }

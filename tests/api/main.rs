@@ -2,6 +2,7 @@
 //! and the relay against a real RabbitMQ.
 
 mod admin;
+mod cli;
 mod helpers;
 mod hostile;
 mod relay;

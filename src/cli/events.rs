@@ -1,0 +1,623 @@
+//! `kallina-relay events`: the admin API (`docs/admin-api.md`) from a shell.
+//!
+//! Getting a consumer's lost events back is a task for a bad day: this makes it one command
+//! (`events redrive --since 2h`) instead of hand-made requests with a bearer header, Unix
+//! times and cursors. Answers of the platform's error shape become one line on stderr and exit
+//! status 1; a command line that cannot make a valid request stops before any is sent, with 2.
+
+use std::time::Duration;
+
+use clap::{Args, Subcommand, ValueEnum};
+use comfy_table::{presets, CellAlignment, Table};
+use reqwest::{Method, StatusCode, Url};
+use serde_json::{json, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use super::{client_settings, connectable, error_chain, progress_bar, Failure, ServeArgs};
+
+const TIMES: &str = "Times (--since, --until) read RFC 3339 (2026-11-29T06:00:00Z), Unix \
+seconds, `now`, or an age: 90m, 2h, 7d mean that long ago.";
+
+#[derive(Debug, Args)]
+#[command(after_help = "\
+The admin API answers on the admin listener only when the service has an admin token \
+(KALLINA_RELAY_ADMIN_TOKEN); without one, every request gets 404.
+
+Exit status: 0 on success; 1 when the admin API cannot be reached or answers an error \
+(printed as one line on stderr); 2 on a bad command line, or no token.")]
+pub struct EventsArgs {
+    #[command(subcommand)]
+    pub command: EventsCommand,
+    /// Admin API base URL [default: http://<admin_listen>, from the settings]
+    #[arg(long, global = true, value_name = "URL")]
+    pub admin_url: Option<String>,
+    /// Admin bearer token [default: the `admin_token` setting]
+    #[arg(
+        long,
+        global = true,
+        env = "KALLINA_RELAY_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// List stored events (pending and published), oldest first.
+    List(ListArgs),
+    /// Show one event: its summary, then its body.
+    Show(ShowArgs),
+    /// Publish one published event again: same message_id, header `x-redelivered: true`.
+    Redeliver(RedeliverArgs),
+    /// Publish again every published event received in a time range, at the service's
+    /// `redrive_rate`.
+    Redrive(RedriveArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Status {
+    /// Waiting for the broker's confirm.
+    Pending,
+    /// Confirmed by the broker, kept in the archive.
+    Published,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = TIMES)]
+pub struct ListArgs {
+    /// Received at or after this time.
+    #[arg(long, value_parser = time_arg)]
+    pub since: Option<String>,
+    /// Received before this time.
+    #[arg(long, value_parser = time_arg)]
+    pub until: Option<String>,
+    /// Only this event type (exact).
+    #[arg(long)]
+    pub event: Option<String>,
+    /// Only events in this state.
+    #[arg(long, value_enum)]
+    pub status: Option<Status>,
+    /// Events per page (1 to 1000).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub limit: u32,
+    /// Fetch every page, following the cursors, instead of the first.
+    #[arg(long)]
+    pub all: bool,
+    /// Start after this cursor (the `next_cursor` a previous page printed).
+    #[arg(long)]
+    pub cursor: Option<String>,
+    /// Print JSON (`{"events": [...], "next_cursor": ...}`) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// The event's id (its dedup key, the AMQP message_id).
+    pub id: String,
+    /// Print the admin API's answer as it came.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RedeliverArgs {
+    /// The event's id (its dedup key, the AMQP message_id).
+    pub id: String,
+    /// Print the admin API's answer as it came.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = TIMES)]
+pub struct RedriveArgs {
+    /// Received at or after this time.
+    #[arg(long, value_parser = time_arg)]
+    pub since: String,
+    /// Received before this time.
+    #[arg(long, value_parser = time_arg, default_value = "now")]
+    pub until: String,
+    /// Only this event type (exact).
+    #[arg(long)]
+    pub event: Option<String>,
+    /// Count the matching events, publish nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Stay until the service has put every matched event back, with a progress bar (read
+    /// from the admin listener's /metrics).
+    #[arg(long)]
+    pub wait: bool,
+    /// Print the admin API's answer as it came.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A time for the API: RFC 3339 and Unix seconds pass as they are; `now` and ages become
+/// RFC 3339, so that the service reads the same instant this command meant.
+fn time_arg(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    let format = |t: OffsetDateTime| t.format(&Rfc3339).map_err(|e| e.to_string());
+    if text == "now" {
+        return format(OffsetDateTime::now_utc());
+    }
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return Ok(text.to_string());
+    }
+    if OffsetDateTime::parse(text, &Rfc3339).is_ok() {
+        return Ok(text.to_string());
+    }
+    match humantime::parse_duration(text) {
+        Ok(age) => format(OffsetDateTime::now_utc() - age),
+        Err(_) => Err(format!(
+            "expected an RFC 3339 time (2026-11-29T06:00:00Z), Unix seconds, `now`, or an \
+             age such as 90m, 2h or 7d; got {text:?}"
+        )),
+    }
+}
+
+pub async fn run(args: EventsArgs, global: &ServeArgs) -> Result<(), Failure> {
+    let admin = AdminClient::new(&args, global)?;
+    match args.command {
+        EventsCommand::List(list_args) => list(&admin, &list_args).await,
+        EventsCommand::Show(show_args) => show(&admin, &show_args).await,
+        EventsCommand::Redeliver(redeliver_args) => redeliver(&admin, &redeliver_args).await,
+        EventsCommand::Redrive(redrive_args) => redrive(&admin, &redrive_args).await,
+    }
+}
+
+struct AdminClient {
+    client: reqwest::Client,
+    base: Url,
+    token: String,
+}
+
+/// Which route was asked, so that a 404 can say what it most likely means.
+#[derive(Clone, Copy, PartialEq)]
+enum Target {
+    Collection,
+    OneEvent,
+}
+
+impl AdminClient {
+    fn new(args: &EventsArgs, global: &ServeArgs) -> Result<Self, Failure> {
+        let token = args
+            .token
+            .as_deref()
+            .map(str::trim)
+            .filter(|t| !t.is_empty());
+        let settings = match (&args.admin_url, token) {
+            (Some(_), Some(_)) => None,
+            _ => Some(client_settings(global, false)?),
+        };
+        let base = match (&args.admin_url, &settings) {
+            (Some(url), _) => url.clone(),
+            (None, Some(settings)) => format!("http://{}", connectable(settings.admin_listen)),
+            (None, None) => unreachable!("settings are loaded when --admin-url is absent"),
+        };
+        let base = match Url::parse(&base) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && !url.cannot_be_a_base() => url,
+            Ok(_) => {
+                return Err(Failure::Usage(format!(
+                    "--admin-url {base}: not an http(s) URL"
+                )))
+            }
+            Err(e) => return Err(Failure::Usage(format!("--admin-url {base}: {e}"))),
+        };
+        let token = match (token, &settings) {
+            (Some(token), _) => token.to_string(),
+            (None, Some(settings)) => match &settings.admin_token {
+                Some(token) => token.expose().to_string(),
+                None => {
+                    return Err(Failure::Usage(
+                        "no admin token: pass --token or set KALLINA_RELAY_ADMIN_TOKEN (the \
+                         service's admin_token)"
+                            .into(),
+                    ))
+                }
+            },
+            (None, None) => unreachable!("settings are loaded when --token is absent"),
+        };
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .user_agent(concat!(
+                "kallina-relay/",
+                env!("CARGO_PKG_VERSION"),
+                " events"
+            ))
+            .build()
+            .map_err(|e| {
+                Failure::Work(format!("cannot build the HTTP client: {}", error_chain(&e)))
+            })?;
+        Ok(Self {
+            client,
+            base,
+            token,
+        })
+    }
+
+    /// The base URL with `segments` appended, each percent-encoded: an id may hold any
+    /// printable character when the service keys events by a delivery-id header.
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .expect("checked to be a base URL")
+            .pop_if_empty()
+            .extend(segments);
+        url
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<Value>,
+        target: Target,
+    ) -> Result<Value, Failure> {
+        let mut request = self
+            .client
+            .request(method, url.clone())
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.map_err(|e| {
+            Failure::Work(format!(
+                "cannot reach the admin API at {}: {}",
+                self.base,
+                error_chain(&e)
+            ))
+        })?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let text = response.text().await.map_err(|e| {
+            Failure::Work(format!("reading the answer of {url}: {}", error_chain(&e)))
+        })?;
+        let value = serde_json::from_str::<Value>(&text);
+        if status.is_success() {
+            return value.map_err(|_| {
+                Failure::Work(format!(
+                    "{status} from {url}, but not JSON: {}",
+                    text.chars().take(200).collect::<String>()
+                ))
+            });
+        }
+        Err(Failure::Work(error_line(
+            status,
+            value.ok().as_ref(),
+            retry_after,
+            target,
+        )))
+    }
+
+    async fn get(&self, segments: &[&str], query: &[(&str, String)]) -> Result<Value, Failure> {
+        let mut url = self.url(segments);
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        let target = match segments.len() {
+            2 => Target::Collection,
+            _ => Target::OneEvent,
+        };
+        self.call(Method::GET, url, None, target).await
+    }
+
+    async fn post(&self, segments: &[&str], body: Option<Value>) -> Result<Value, Failure> {
+        let target = match segments {
+            ["admin", "redrive"] => Target::Collection,
+            _ => Target::OneEvent,
+        };
+        self.call(Method::POST, self.url(segments), body, target)
+            .await
+    }
+}
+
+/// One line for an error answer (`401 unauthorized: …`), with a hint where the cause is
+/// usually the caller's setup rather than the event.
+fn error_line(
+    status: StatusCode,
+    body: Option<&Value>,
+    retry_after: Option<String>,
+    target: Target,
+) -> String {
+    let error = body.map(|b| &b["error"]);
+    let text = |key: &str| error.and_then(|e| e[key].as_str()).map(str::to_string);
+    let code = text("code").unwrap_or_else(|| "error".into());
+    let mut line = format!(
+        "{} {code}: {}",
+        status.as_u16(),
+        text("message").unwrap_or_else(|| status.canonical_reason().unwrap_or("").into())
+    );
+    if let Some(seconds) = retry_after {
+        line.push_str(&format!(" (retry after {seconds}s)"));
+    }
+    if let Some(request_id) = text("request_id") {
+        line.push_str(&format!(" [{request_id}]"));
+    }
+    let hint = match (status.as_u16(), target) {
+        (401, _) => Some(
+            "the token (--token or KALLINA_RELAY_ADMIN_TOKEN) must be the service's admin_token",
+        ),
+        (404, Target::Collection) => Some(
+            "the admin API answers 404 to everything while the service has no admin_token \
+             (KALLINA_RELAY_ADMIN_TOKEN); is --admin-url its admin listener?",
+        ),
+        (404, Target::OneEvent) => Some(
+            "no stored event has this id (its dedup key, as `events list` shows it), or the \
+             admin API is off",
+        ),
+        _ => None,
+    };
+    if let Some(hint) = hint {
+        line.push_str("\nhint: ");
+        line.push_str(hint);
+    }
+    line
+}
+
+async fn list(admin: &AdminClient, args: &ListArgs) -> Result<(), Failure> {
+    let mut query: Vec<(&str, String)> = vec![("limit", args.limit.to_string())];
+    let filters = [
+        ("since", args.since.clone()),
+        ("until", args.until.clone()),
+        ("event", args.event.clone()),
+        (
+            "status",
+            args.status.map(|s| {
+                match s {
+                    Status::Pending => "pending",
+                    Status::Published => "published",
+                }
+                .to_string()
+            }),
+        ),
+    ];
+    query.extend(filters.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
+    let bar = match args.all {
+        true => progress_bar(None, "{spinner} {pos} events listed {elapsed}"),
+        false => indicatif::ProgressBar::hidden(),
+    };
+    let mut events: Vec<Value> = Vec::new();
+    let mut cursor = args.cursor.clone();
+    loop {
+        let mut page_query = query.clone();
+        if let Some(cursor) = &cursor {
+            page_query.push(("cursor", cursor.clone()));
+        }
+        let page = admin.get(&["admin", "events"], &page_query).await?;
+        if let Some(page_events) = page["events"].as_array() {
+            events.extend(page_events.iter().cloned());
+        }
+        cursor = page["next_cursor"].as_str().map(str::to_string);
+        bar.set_position(events.len() as u64);
+        if !args.all || cursor.is_none() {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    if args.json {
+        out!("{}", json!({ "events": events, "next_cursor": cursor }))?;
+    } else if events.is_empty() {
+        eprintln!("no events match");
+    } else {
+        out!("{}", table(&events))?;
+    }
+    if let (Some(cursor), false) = (&cursor, args.json) {
+        eprintln!("more events: --cursor {cursor} for the next page, or --all for every page");
+    }
+    Ok(())
+}
+
+fn table(events: &[Value]) -> Table {
+    let mut table = Table::new();
+    table.load_preset(presets::NOTHING).set_header([
+        "ID",
+        "EVENT",
+        "STATUS",
+        "RECEIVED",
+        "PUBLISHED",
+        "ATTEMPTS",
+        "REDELIVERED",
+        "BYTES",
+    ]);
+    for event in events {
+        let text = |key: &str| match &event[key] {
+            Value::String(s) => s.clone(),
+            Value::Null => "-".into(),
+            other => other.to_string(),
+        };
+        let redelivered = if event["redelivered"] == Value::Bool(true) {
+            "yes"
+        } else {
+            "no"
+        };
+        table.add_row([
+            text("id"),
+            text("event"),
+            text("status"),
+            text("received"),
+            text("published"),
+            text("attempts"),
+            redelivered.to_string(),
+            text("size_bytes"),
+        ]);
+    }
+    for column in [5, 7] {
+        if let Some(column) = table.column_mut(column) {
+            column.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    table
+}
+
+async fn show(admin: &AdminClient, args: &ShowArgs) -> Result<(), Failure> {
+    let event = admin.get(&["admin", "events", &args.id], &[]).await?;
+    if args.json {
+        out!("{event}")?;
+        return Ok(());
+    }
+    let field = |key: &str| match &event[key] {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        Value::Bool(true) => "yes".into(),
+        Value::Bool(false) => "no".into(),
+        other => other.to_string(),
+    };
+    for (label, key) in [
+        ("id", "id"),
+        ("event", "event"),
+        ("status", "status"),
+        ("received", "received"),
+        ("published", "published"),
+        ("attempts", "attempts"),
+        ("redelivered", "redelivered"),
+        ("bytes", "size_bytes"),
+    ] {
+        out!("{label:<12} {}", field(key))?;
+    }
+    out!("")?;
+    match &event["body"] {
+        // A body that was not JSON comes as a string: shown as it is.
+        Value::String(raw) => out!("{raw}"),
+        body => out!(
+            "{}",
+            serde_json::to_string_pretty(body).unwrap_or_else(|_| body.to_string())
+        ),
+    }
+}
+
+async fn redeliver(admin: &AdminClient, args: &RedeliverArgs) -> Result<(), Failure> {
+    let answer = admin
+        .post(&["admin", "events", &args.id, "redeliver"], None)
+        .await?;
+    if args.json {
+        out!("{answer}")?;
+    } else {
+        out!(
+            "event {} is back in the outbox ({}); it will be published again with \
+             x-redelivered: true",
+            args.id,
+            answer["status"].as_str().unwrap_or("pending")
+        )?;
+    }
+    Ok(())
+}
+
+async fn redrive(admin: &AdminClient, args: &RedriveArgs) -> Result<(), Failure> {
+    let mut body = json!({
+        "since": args.since,
+        "until": args.until,
+        "dry_run": args.dry_run,
+    });
+    if let Some(event) = &args.event {
+        body["event"] = json!(event);
+    }
+    let answer = admin.post(&["admin", "redrive"], Some(body)).await?;
+    let matched = answer["matched"].as_u64().unwrap_or(0);
+    if args.json {
+        out!("{answer}")?;
+    } else if args.dry_run {
+        out!(
+            "{matched} published events match from {} to {} (dry run: nothing republished)",
+            args.since,
+            args.until
+        )?;
+    } else {
+        out!(
+            "{matched} published events match from {} to {}; the service republishes them in \
+             the background at its redrive_rate",
+            args.since,
+            args.until
+        )?;
+    }
+    if args.wait && !args.dry_run && matched > 0 {
+        wait_for_redrive(admin, matched).await?;
+    }
+    Ok(())
+}
+
+/// Follows `kallina_relay_redrive_pending_events` on /metrics (open, no token) down to zero.
+async fn wait_for_redrive(admin: &AdminClient, matched: u64) -> Result<(), Failure> {
+    let bar = progress_bar(
+        Some(matched),
+        "{spinner} {pos}/{len} events put back {wide_bar} {elapsed_precise}",
+    );
+    let url = admin.url(&["metrics"]);
+    loop {
+        let text = admin
+            .client
+            .get(url.clone())
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| Failure::Work(format!("reading {url}: {}", error_chain(&e))))?
+            .text()
+            .await
+            .map_err(|e| Failure::Work(format!("reading {url}: {}", error_chain(&e))))?;
+        let Some(pending) = pending_redrive(&text) else {
+            bar.finish_and_clear();
+            eprintln!("this service does not report redrive progress on /metrics; not waiting");
+            return Ok(());
+        };
+        bar.set_position(matched.saturating_sub(pending));
+        if pending == 0 {
+            bar.finish_and_clear();
+            out!("every matched event is back in the outbox")?;
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn pending_redrive(metrics: &str) -> Option<u64> {
+    metrics.lines().find_map(|line| {
+        let value = line.strip_prefix("kallina_relay_redrive_pending_events ")?;
+        value.trim().parse::<f64>().ok().map(|v| v.max(0.0) as u64)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_pass_through_or_become_rfc3339() {
+        assert_eq!(time_arg("1700000000").unwrap(), "1700000000");
+        assert_eq!(
+            time_arg("2026-11-29T06:00:00Z").unwrap(),
+            "2026-11-29T06:00:00Z"
+        );
+        let two_hours_ago = OffsetDateTime::parse(&time_arg("2h").unwrap(), &Rfc3339).unwrap();
+        let age = OffsetDateTime::now_utc() - two_hours_ago;
+        assert!((age.whole_seconds() - 7200).abs() < 5, "{age}");
+        assert!(OffsetDateTime::parse(&time_arg("now").unwrap(), &Rfc3339).is_ok());
+        assert!(time_arg("yesterday").is_err());
+    }
+
+    #[test]
+    fn an_error_answer_is_one_line_and_a_hint() {
+        let body = json!({"error": {"code": "unauthorized", "message": "a token is required",
+                                    "details": {}, "request_id": "req_1"}});
+        let line = error_line(
+            StatusCode::UNAUTHORIZED,
+            Some(&body),
+            None,
+            Target::OneEvent,
+        );
+        let mut lines = line.lines();
+        assert_eq!(
+            lines.next(),
+            Some("401 unauthorized: a token is required [req_1]")
+        );
+        assert!(lines.next().unwrap().contains("KALLINA_RELAY_ADMIN_TOKEN"));
+        assert_eq!(
+            pending_redrive("# TYPE x gauge\nkallina_relay_redrive_pending_events 12\n"),
+            Some(12)
+        );
+    }
+}
