@@ -3,6 +3,7 @@
 
 mod admin;
 mod cli;
+mod consumers;
 mod helpers;
 mod hostile;
 mod relay;
