@@ -4,6 +4,7 @@
 mod admin;
 mod cli;
 mod consumers;
+mod deploy;
 mod helpers;
 mod hostile;
 mod relay;
