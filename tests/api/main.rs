@@ -2,6 +2,7 @@
 //! and the relay against a real RabbitMQ.
 
 mod admin;
+mod chaos;
 mod cli;
 mod consumers;
 mod deploy;
