@@ -46,6 +46,7 @@ pub struct Metrics {
     pub broker_connected: IntGauge,
     pub delivery_lag: Histogram,
     archive_events: IntGauge,
+    store_writable: IntGauge,
     pub redelivered: IntCounterVec,
     pub redrive_pending: IntGauge,
 }
@@ -153,6 +154,10 @@ impl Metrics {
                 "kallina_relay_archive_events",
                 "Published events kept in the archive for the admin API",
             ),
+            store_writable: int_gauge(
+                "kallina_relay_store_writable",
+                "1 while the store can write; 0 after a disk error, until it reopens",
+            ),
             redelivered: counter(
                 "kallina_relay_redelivered_events_total",
                 "Archived events put back into the outbox by an operator, by trigger",
@@ -183,6 +188,7 @@ impl Metrics {
             .set(store.outbox_oldest_age.map_or(0.0, |d| d.as_secs_f64()));
         self.dedup_keys.set(store.dedup_keys as i64);
         self.archive_events.set(store.archive_events as i64);
+        self.store_writable.set(i64::from(store.writable));
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
@@ -227,5 +233,6 @@ mod tests {
         assert!(text.contains("kallina_relay_outbox_events 3"));
         assert!(text.contains("kallina_relay_dedup_keys 7"));
         assert!(text.contains("kallina_relay_archive_events 2"));
+        assert!(text.contains("kallina_relay_store_writable 1"));
     }
 }
