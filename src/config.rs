@@ -709,6 +709,46 @@ mod tests {
         assert_eq!(s.publish_window, 256);
         assert_eq!(s.confirm_timeout, Duration::from_secs(30));
         assert_eq!(s.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(s.archive_retention, s.dedup_retention);
+        assert!(s.admin_token.is_none(), "the admin API is off by default");
+        assert!(s.tls.is_none());
+    }
+
+    #[test]
+    fn the_archive_admin_token_and_tls_settings_are_checked() {
+        let with = |pairs: &[(&str, &str)]| {
+            let mut all = vec![("KALLINA_WEBHOOK_SECRET", "s")];
+            all.extend_from_slice(pairs);
+            Settings::load(&layers(&all))
+        };
+        let setting_of = |e: ConfigError| match e {
+            ConfigError::Invalid { setting, .. } => setting,
+            other => panic!("{other}"),
+        };
+        // Longer than the dedup keys would leave archived events nobody can look up.
+        let err = with(&[("KALLINA_RELAY_ARCHIVE_RETENTION", "96h")]).unwrap_err();
+        assert_eq!(setting_of(err), "archive_retention");
+        let s = with(&[("KALLINA_RELAY_ARCHIVE_RETENTION", "0")]).unwrap();
+        assert!(s.archive_retention.is_zero());
+
+        let err = with(&[("KALLINA_RELAY_ADMIN_TOKEN", "short-token")]).unwrap_err();
+        assert!(!err.to_string().contains("short-token"), "{err}");
+        assert_eq!(setting_of(err), "admin_token");
+        let s = with(&[("KALLINA_RELAY_ADMIN_TOKEN", "a-long-enough-admin-token")]).unwrap();
+        assert_eq!(s.admin_token.unwrap().expose(), "a-long-enough-admin-token");
+
+        let err = with(&[("KALLINA_RELAY_TLS_CERT", "cert.pem")]).unwrap_err();
+        assert_eq!(setting_of(err), "tls_key");
+        let s = with(&[
+            ("KALLINA_RELAY_TLS_CERT", "cert.pem"),
+            ("KALLINA_RELAY_TLS_KEY", "key.pem"),
+        ])
+        .unwrap();
+        assert_eq!(s.tls.unwrap().key, PathBuf::from("key.pem"));
+        assert_eq!(
+            setting_of(with(&[("KALLINA_RELAY_REDRIVE_RATE", "0")]).unwrap_err()),
+            "redrive_rate"
+        );
     }
 
     #[test]
