@@ -53,6 +53,7 @@ impl Relay {
         // Knobs to experiment with, passed through when set.
         for name in [
             "KALLINA_RELAY_CACHE_SIZE",
+            "KALLINA_RELAY_ARCHIVE_RETENTION",
             "MIMALLOC_PURGE_DELAY",
             "MIMALLOC_ARENA_EAGER_COMMIT",
         ] {
