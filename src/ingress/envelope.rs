@@ -41,25 +41,20 @@ struct Fields<'a> {
 }
 
 /// Deepest nesting accepted. serde_json skips unknown fields without recursing, so depth
-/// cannot hurt us, but it would reach consumers whose parsers recurse (Python's stops near
-/// 1000): refuse what no real event needs.
-pub const MAX_DEPTH: usize = 128;
+/// cannot hurt us, but it would reach consumers whose parsers recurse: serde_json's own reader
+/// (a Rust consumer's, with its default limit) refuses the 128th level, Python's stops near
+/// 1000. Refuse what one of them cannot read and no real event needs.
+pub const MAX_DEPTH: usize = 127;
 
-/// Linear scan of brackets outside strings.
-fn check_depth(body: &[u8]) -> Result<(), PayloadError> {
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    for &b in body {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
+/// What serde_json skips unchecked in an unknown field but refuses when a consumer reads it:
+/// nesting deeper than [`MAX_DEPTH`], unpaired UTF-16 surrogate escapes (`"\udbab"` alone),
+/// and numbers beyond the range of an `f64` (`4e444`). One linear scan.
+fn check_readable(body: &[u8]) -> Result<(), PayloadError> {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < body.len() {
+        match body[i] {
+            b'"' => i = skip_string(body, i + 1)?,
             b'{' | b'[' => {
                 depth += 1;
                 if depth > MAX_DEPTH {
@@ -68,12 +63,82 @@ fn check_depth(body: &[u8]) -> Result<(), PayloadError> {
                         format!("the body is nested deeper than {MAX_DEPTH} levels"),
                     ));
                 }
+                i += 1;
             }
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            _ => {}
+            b'}' | b']' => {
+                depth = depth.saturating_sub(1);
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => i = skip_number(body, i)?,
+            _ => i += 1,
         }
     }
     Ok(())
+}
+
+/// From just after a string's opening quote to just after its closing one (or to the end: an
+/// unterminated string is serde_json's to refuse).
+fn skip_string(body: &[u8], mut i: usize) -> Result<usize, PayloadError> {
+    let lone = || {
+        PayloadError::new(
+            "body",
+            "the body has an unpaired UTF-16 surrogate escape (\\uD800 to \\uDFFF), which \
+             JSON readers refuse",
+        )
+    };
+    while i < body.len() {
+        match body[i] {
+            b'"' => return Ok(i + 1),
+            b'\\' if body.get(i + 1) == Some(&b'u') => match hex4(body, i + 2) {
+                Some(0xD800..=0xDBFF) => {
+                    let low = body.get(i + 6..i + 8) == Some(&b"\\u"[..])
+                        && matches!(hex4(body, i + 8), Some(0xDC00..=0xDFFF));
+                    if !low {
+                        return Err(lone());
+                    }
+                    i += 12;
+                }
+                Some(0xDC00..=0xDFFF) => return Err(lone()),
+                _ => i += 6,
+            },
+            b'\\' => i += 2,
+            _ => i += 1,
+        }
+    }
+    Ok(i)
+}
+
+/// From the start of a number to just after it. serde_json refuses one that reads as an
+/// infinite `f64` (Python and JavaScript make it infinity); the bound leaves room for serde_json's
+/// rounding, and no event carries a number near 1e308.
+fn skip_number(body: &[u8], start: usize) -> Result<usize, PayloadError> {
+    let len = body[start..]
+        .iter()
+        .position(|b| !matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
+        .unwrap_or(body.len() - start);
+    let token = &body[start..start + len];
+    // Only an exponent or more than 308 digits can leave the range of an f64.
+    if len > 308 || token.iter().any(|b| matches!(b, b'e' | b'E')) {
+        let value = std::str::from_utf8(token)
+            .ok()
+            .and_then(|t| t.parse::<f64>().ok());
+        if value.is_some_and(|v| v.abs() > 1e308) {
+            return Err(PayloadError::new(
+                "body",
+                "the body has a number beyond the range of a 64-bit float, which JSON readers \
+                 refuse or read as infinity",
+            ));
+        }
+    }
+    Ok(start + len)
+}
+
+fn hex4(body: &[u8], at: usize) -> Option<u16> {
+    let digits = body.get(at..at + 4)?;
+    if !digits.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    u16::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
 }
 
 /// Longest event type accepted: it becomes the AMQP routing key, a short string.
@@ -87,7 +152,7 @@ pub fn parse(body: &[u8]) -> Result<Envelope<'_>, PayloadError> {
     // serde_json skips unknown fields without checking their UTF-8; consumers parse it all.
     std::str::from_utf8(body)
         .map_err(|e| PayloadError::new("body", format!("the body is not valid UTF-8: {e}")))?;
-    check_depth(body)?;
+    check_readable(body)?;
     let fields: Fields<'_> = serde_json::from_slice(body)
         .map_err(|e| PayloadError::new("body", format!("the body is not valid JSON: {e}")))?;
 
@@ -180,6 +245,108 @@ mod tests {
         body.push_str(&"]".repeat(10_000));
         body.push('}');
         assert_eq!(parse(body.as_bytes()).unwrap_err().field, "body");
+    }
+
+    #[test]
+    fn nesting_stops_where_serde_json_stops() {
+        let nested = |levels: usize| {
+            let inner = levels - 1;
+            format!(
+                "{{\"event\":\"a\",\"timestamp\":\"2025-01-23T10:30:00Z\",\"d\":{}{}}}",
+                "[".repeat(inner),
+                "]".repeat(inner)
+            )
+        };
+        let deepest = nested(MAX_DEPTH);
+        assert!(parse(deepest.as_bytes()).is_ok());
+        assert!(serde_json::from_str::<serde_json::Value>(&deepest).is_ok());
+        // Caught by the envelope fuzz target's invariant: 128 levels were accepted, which
+        // serde_json refuses.
+        let deeper = nested(MAX_DEPTH + 1);
+        assert!(serde_json::from_str::<serde_json::Value>(&deeper).is_err());
+        assert_eq!(parse(deeper.as_bytes()).unwrap_err().field, "body");
+    }
+
+    #[test]
+    fn unpaired_surrogate_escapes_are_refused_anywhere() {
+        // The envelope fuzz target's minimised input: accepted, then unreadable by consumers.
+        let found = br#"{ "event":"p","timestamp":"2025-01-23T10:28:41Z","":{"":[{"":[ {"":"\udBaB"}],"": ""}]}}"#;
+        assert_eq!(parse(found).unwrap_err().field, "body");
+        let with = |text: &str| {
+            format!(
+                r#"{{"event":"a","timestamp":"2025-01-23T10:30:00Z","data":{{"{text}":"{text}"}}}}"#
+            )
+        };
+        for lone in [
+            r"\ud800",
+            r"\uDBFFx",
+            r"\udc00",
+            r"\ud800\u0041",
+            r"\ud800\ud800",
+            r"\\\ud800",
+        ] {
+            let body = with(lone);
+            assert!(
+                serde_json::from_str::<serde_json::Value>(&body).is_err(),
+                "{body}"
+            );
+            assert_eq!(parse(body.as_bytes()).unwrap_err().field, "body", "{body}");
+        }
+        for fine in [
+            r"\ud83d\ude00",
+            r"\u00e9",
+            r"\\ud800",
+            r"\\\\ud800",
+            r#"\"\ud83d\uDE00"#,
+        ] {
+            let body = with(fine);
+            assert!(
+                serde_json::from_str::<serde_json::Value>(&body).is_ok(),
+                "{body}"
+            );
+            assert!(parse(body.as_bytes()).is_ok(), "{body}");
+        }
+    }
+
+    #[test]
+    fn numbers_beyond_a_64_bit_float_are_refused_anywhere() {
+        // The envelope fuzz target's minimised input: accepted, then unreadable by serde_json.
+        let found =
+            b"{\"event\":\"9\",\n\"timestamp\":\"2025-01-23T10:28:41Z\",\"\":{\"\":[4e444]}\n}";
+        assert_eq!(parse(found).unwrap_err().field, "body");
+        let with = |number: &str| {
+            format!(r#"{{"event":"a","timestamp":"2025-01-23T10:30:00Z","data":[{number}]}}"#)
+        };
+        let digits_400 = format!("1{}", "0".repeat(400));
+        for huge in [
+            "1e309",
+            "-1E+309",
+            "4e444444444444",
+            "0.1e310",
+            digits_400.as_str(),
+        ] {
+            let body = with(huge);
+            assert!(
+                serde_json::from_str::<serde_json::Value>(&body).is_err(),
+                "{huge}"
+            );
+            assert_eq!(parse(body.as_bytes()).unwrap_err().field, "body", "{huge}");
+        }
+        let digits_300 = format!("1{}", "0".repeat(300));
+        for fine in [
+            "1e308",
+            "-1.5e-400",
+            "123456789012345678901234567890",
+            "0",
+            digits_300.as_str(),
+        ] {
+            let body = with(fine);
+            assert!(
+                serde_json::from_str::<serde_json::Value>(&body).is_ok(),
+                "{fine}"
+            );
+            assert!(parse(body.as_bytes()).is_ok(), "{fine}");
+        }
     }
 
     #[test]
