@@ -293,18 +293,36 @@ fn verify<'a>(
     let event = Some(envelope.event.to_string());
     let key = dedup_key(req, body, ingress.id_header.as_deref())
         .map_err(|e| (event.clone(), IngressError::InvalidPayload(e)))?;
-    check_window(envelope.timestamp, received_at, ingress).map_err(|e| (event, e))?;
+    check_window(
+        envelope.timestamp,
+        received_at,
+        ingress.tolerance,
+        ingress.future_skew,
+    )
+    .map_err(|e| (event, e))?;
     Ok(Verified { envelope, key })
 }
 
 fn check_window(
     timestamp: OffsetDateTime,
     received_at: SystemTime,
-    ingress: &Ingress,
+    tolerance: Duration,
+    future_skew: Duration,
 ) -> Result<(), IngressError> {
     let received = OffsetDateTime::from(received_at);
-    let too_old = timestamp < received - ingress.tolerance;
-    let too_new = timestamp > received + ingress.future_skew;
+    // The settings put no upper bound on either duration, and `OffsetDateTime` ends at ±9999
+    // years: a window reaching past that has no edge on that side (plain `-`/`+` would panic
+    // on every request).
+    let edge = |by: Duration, later: bool| {
+        let by = time::Duration::try_from(by).ok()?;
+        if later {
+            received.checked_add(by)
+        } else {
+            received.checked_sub(by)
+        }
+    };
+    let too_old = edge(tolerance, false).is_some_and(|earliest| timestamp < earliest);
+    let too_new = edge(future_skew, true).is_some_and(|latest| timestamp > latest);
     if !(too_old || too_new) {
         return Ok(());
     }
@@ -314,8 +332,8 @@ fn check_window(
             "timestamp": format(timestamp),
             "received_at": format(received),
             "reason": if too_old { "too_old" } else { "in_the_future" },
-            "tolerance_seconds": ingress.tolerance.as_secs(),
-            "future_skew_seconds": ingress.future_skew.as_secs(),
+            "tolerance_seconds": tolerance.as_secs(),
+            "future_skew_seconds": future_skew.as_secs(),
         }),
     })
 }
@@ -389,5 +407,65 @@ impl RequestId {
             .get::<RequestId>()
             .map(|r| r.0.clone())
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    mod dedup_key_properties {
+        use super::*;
+        use actix_web::http::header::HeaderValue;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Whatever the header holds, the key is refused or fits the store: at most
+            /// MAX_ID_LEN printable bytes (the store's key lists prefix each key with one byte
+            /// of length), and without the header it is the body's SHA-256 in lowercase hex.
+            #[test]
+            fn any_delivery_id_and_body_give_a_key_that_fits_or_a_refusal(
+                header in proptest::collection::vec(any::<u8>(), 0..300),
+                body in proptest::collection::vec(any::<u8>(), 0..256),
+            ) {
+                let mut req = actix_web::test::TestRequest::default();
+                if let Ok(value) = HeaderValue::from_bytes(&header) {
+                    req = req.insert_header(("x-delivery", value));
+                }
+                let req = req.to_http_request();
+                match dedup_key(&req, &body, Some("x-delivery")) {
+                    Ok(key) => {
+                        prop_assert!(!key.is_empty() && key.len() <= MAX_ID_LEN);
+                        prop_assert!(key.bytes().all(|b| (0x20..0x7f).contains(&b)));
+                    }
+                    Err(e) => prop_assert_eq!(e.field, "id_header"),
+                }
+                let key = dedup_key(&req, &body, None).unwrap();
+                prop_assert_eq!(key.len(), 64);
+                prop_assert!(key.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+            }
+        }
+    }
+
+    #[test]
+    fn a_window_wider_than_the_calendar_has_no_edge_there_instead_of_a_panic() {
+        let now = SystemTime::now();
+        let received = OffsetDateTime::from(now);
+        let day = Duration::from_secs(86_400);
+        let skew = Duration::from_secs(300);
+        let max = OffsetDateTime::new_utc(time::Date::MAX, time::Time::MIDNIGHT);
+        let min = OffsetDateTime::new_utc(time::Date::MIN, time::Time::MIDNIGHT);
+        for wide in [
+            Duration::MAX,
+            Duration::from_secs(u64::MAX),
+            20_000 * 366 * day,
+        ] {
+            assert!(check_window(received, now, wide, wide).is_ok());
+            assert!(check_window(min, now, wide, skew).is_ok());
+            assert!(check_window(max, now, day, wide).is_ok());
+            // The side with an ordinary setting still has its edge.
+            assert!(check_window(received - 2 * day, now, day, wide).is_err());
+            assert!(check_window(received + day, now, wide, skew).is_err());
+        }
     }
 }
