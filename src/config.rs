@@ -327,11 +327,13 @@ impl Settings {
         let tolerance = parse("tolerance").duration()?;
         let future_skew = parse("future_skew").duration()?;
         let dedup_retention = parse("dedup_retention").duration()?;
-        if dedup_retention < tolerance + future_skew {
+        // Saturating: durations near u64::MAX seconds are valid input and must not overflow.
+        let window = tolerance.saturating_add(future_skew);
+        if dedup_retention < window {
             return Err(parse("dedup_retention").invalid(format!(
                 "a duration of at least tolerance + future skew ({}), so that a replay inside \
                  the tolerance window is always recognised as a duplicate",
-                format_duration(tolerance + future_skew)
+                format_duration(window)
             )));
         }
         let amqp_url = parse("amqp_url").required()?;
@@ -712,6 +714,22 @@ mod tests {
         assert_eq!(s.archive_retention, s.dedup_retention);
         assert!(s.admin_token.is_none(), "the admin API is off by default");
         assert!(s.tls.is_none());
+    }
+
+    #[test]
+    fn durations_at_the_edge_of_u64_are_refused_not_a_panic() {
+        // Found by the `settings` fuzz target: tolerance + future skew overflowed.
+        let huge = u64::MAX.to_string();
+        let err = Settings::load(&layers(&[
+            ("KALLINA_WEBHOOK_SECRET", "s"),
+            ("KALLINA_RELAY_FUTURE_SKEW", &huge),
+            ("KALLINA_RELAY_TOLERANCE", &huge),
+        ]))
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("KALLINA_RELAY_DEDUP_RETENTION"),
+            "{err}"
+        );
     }
 
     #[test]
