@@ -80,6 +80,32 @@ pub struct EventView {
     pub record: OutboxRecord,
 }
 
+impl EventView {
+    /// An outbox record, still waiting for the broker.
+    fn pending(seq: u64, outbox_bytes: &[u8]) -> Result<Self, RecordError> {
+        let record = OutboxRecord::decode(outbox_bytes)?;
+        Ok(Self {
+            seq,
+            status: EventStatus::Pending,
+            published_at_ms: None,
+            attempts: record.attempts_before,
+            record,
+        })
+    }
+
+    /// An archive entry: confirmed by the broker.
+    fn published(seq: u64, archive_bytes: &[u8]) -> Result<Self, RecordError> {
+        let (published_at_ms, attempts, record) = decode_archived(archive_bytes)?;
+        Ok(Self {
+            seq,
+            status: EventStatus::Published,
+            published_at_ms: Some(published_at_ms),
+            attempts,
+            record,
+        })
+    }
+}
+
 /// A filter over stored events, in acceptance order.
 #[derive(Debug, Clone, Default)]
 pub struct EventQuery {
@@ -143,26 +169,10 @@ impl Store {
     fn event_at(&self, seq: u64) -> Result<Option<EventView>, StoreError> {
         let shared = self.shared()?;
         if let Some(bytes) = shared.outbox.get(seq.to_be_bytes())? {
-            let record = OutboxRecord::decode(&bytes)?;
-            return Ok(Some(EventView {
-                seq,
-                status: EventStatus::Pending,
-                published_at_ms: None,
-                attempts: record.attempts_before,
-                record,
-            }));
+            return Ok(Some(EventView::pending(seq, &bytes)?));
         }
         match shared.archive.get(seq.to_be_bytes())? {
-            Some(bytes) => {
-                let (published, attempts, record) = decode_archived(&bytes)?;
-                Ok(Some(EventView {
-                    seq,
-                    status: EventStatus::Published,
-                    published_at_ms: Some(published),
-                    attempts,
-                    record,
-                }))
-            }
+            Some(bytes) => Ok(Some(EventView::published(seq, &bytes)?)),
             None => Ok(None),
         }
     }
@@ -214,25 +224,11 @@ impl Store {
                 }
                 (Some(p), a) if a.is_none_or(|a| p < a) => {
                     let (_, bytes) = pending.next().expect("peeked")?;
-                    let record = OutboxRecord::decode(&bytes)?;
-                    EventView {
-                        seq: p,
-                        status: EventStatus::Pending,
-                        published_at_ms: None,
-                        attempts: record.attempts_before,
-                        record,
-                    }
+                    EventView::pending(p, &bytes)?
                 }
                 (_, Some(a)) => {
                     let (_, bytes) = published.next().expect("peeked")?;
-                    let (published_at, attempts, record) = decode_archived(&bytes)?;
-                    EventView {
-                        seq: a,
-                        status: EventStatus::Published,
-                        published_at_ms: Some(published_at),
-                        attempts,
-                        record,
-                    }
+                    EventView::published(a, &bytes)?
                 }
                 (Some(_), None) => unreachable!("covered by the arm above"),
             };
