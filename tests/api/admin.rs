@@ -11,7 +11,7 @@ use crate::helpers::*;
 const TOKEN: &str = "admin-token-for-tests-0123456789";
 
 impl TestApp {
-    async fn admin(
+    fn admin(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -27,25 +27,22 @@ impl TestApp {
     }
 
     async fn admin_get(&self, path: &str) -> (u16, Value) {
-        let response = self
-            .admin(reqwest::Method::GET, path, Some(TOKEN))
-            .await
-            .send()
-            .await
-            .unwrap();
-        (response.status().as_u16(), response.json().await.unwrap())
+        answer(self.admin(reqwest::Method::GET, path, Some(TOKEN))).await
     }
 
     async fn admin_post(&self, path: &str, body: Value) -> (u16, Value) {
-        let response = self
-            .admin(reqwest::Method::POST, path, Some(TOKEN))
-            .await
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        (response.status().as_u16(), response.json().await.unwrap())
+        answer(
+            self.admin(reqwest::Method::POST, path, Some(TOKEN))
+                .json(&body),
+        )
+        .await
     }
+}
+
+/// Status and JSON body of an admin API answer.
+async fn answer(request: reqwest::RequestBuilder) -> (u16, Value) {
+    let response = request.send().await.unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
 }
 
 #[tokio::test]
@@ -54,7 +51,6 @@ async fn without_a_token_the_admin_api_does_not_exist_and_health_stays_open() {
     for token in [None, Some(TOKEN)] {
         let response = app
             .admin(reqwest::Method::GET, "/events", token)
-            .await
             .send()
             .await
             .unwrap();
@@ -78,7 +74,6 @@ async fn a_missing_or_wrong_token_gets_401_and_the_right_one_gets_in() {
     for token in [None, Some("admin-token-for-tests-0123456788"), Some("")] {
         let response = app
             .admin(reqwest::Method::GET, "/events", token)
-            .await
             .send()
             .await
             .unwrap();

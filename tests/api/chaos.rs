@@ -571,20 +571,9 @@ async fn chaos_soak() {
         current: None,
     };
     relay.start().await;
-    let (client, readyz) = (http_client(), format!("{}/readyz", relay.admin_address()));
-    wait_until(Duration::from_secs(60), "the relay to connect", || {
-        let (client, readyz) = (client.clone(), readyz.clone());
-        async move {
-            let ready: Value = client
-                .get(readyz)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            ready["broker"]["state"] == "connected"
-        }
+    let (client, admin) = (http_client(), relay.admin_address());
+    wait_until(Duration::from_secs(60), "the relay to connect", || async {
+        readyz_at(&client, &admin).await.1["broker"]["state"] == "connected"
     })
     .await;
     log(

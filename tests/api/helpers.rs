@@ -216,13 +216,7 @@ impl TestApp {
     }
 
     pub async fn readyz(&self) -> (u16, Value) {
-        let response = self
-            .client
-            .get(format!("{}/readyz", self.admin_address))
-            .send()
-            .await
-            .unwrap();
-        (response.status().as_u16(), response.json().await.unwrap())
+        readyz_at(&self.client, &self.admin_address).await
     }
 
     pub async fn metrics(&self) -> String {
@@ -272,6 +266,16 @@ impl TestApp {
             .expect("app task")
             .expect("app stopped cleanly");
     }
+}
+
+/// Status and body of `/readyz` on the admin listener at `admin_address`.
+pub async fn readyz_at(client: &reqwest::Client, admin_address: &str) -> (u16, Value) {
+    let response = client
+        .get(format!("{admin_address}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
 }
 
 pub async fn wait_until<F, Fut>(limit: Duration, what: &str, mut condition: F)
@@ -508,23 +512,12 @@ impl ChildRelay {
 
     /// Waits until this process's relay has had every stored event confirmed.
     pub async fn wait_outbox_empty(&self) {
-        let (client, readyz) = (http_client(), format!("{}/readyz", self.admin_address));
+        let client = http_client();
         wait_until(
             Duration::from_secs(60),
             "the child relay's outbox to drain",
-            || {
-                let (client, readyz) = (client.clone(), readyz.clone());
-                async move {
-                    let ready: Value = client
-                        .get(readyz)
-                        .send()
-                        .await
-                        .unwrap()
-                        .json()
-                        .await
-                        .unwrap();
-                    ready["store"]["outbox_events"] == 0
-                }
+            || async {
+                readyz_at(&client, &self.admin_address).await.1["store"]["outbox_events"] == 0
             },
         )
         .await;

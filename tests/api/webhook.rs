@@ -694,15 +694,7 @@ async fn no_secret_token_or_amqp_password_reaches_the_logs_of_a_full_run() {
             .unwrap();
     }
     wait_until(Duration::from_secs(15), "a failed broker login", || async {
-        let ready: Value = client
-            .get(format!("{admin}/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        ready["broker"]["state"] == "disconnected"
+        readyz_at(&client, &admin).await.1["broker"]["state"] == "disconnected"
     })
     .await;
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
