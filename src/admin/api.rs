@@ -302,13 +302,8 @@ async fn show_event(req: HttpRequest, admin: web::Data<Admin>, id: web::Path<Str
         .for_request(&req)?;
     let mut body = summary(&view);
     // Bodies were checked to be UTF-8 JSON when they were accepted: shown exactly as received.
-    body["body"] = match String::from_utf8(view.record.body.clone())
-        .ok()
-        .and_then(|text| serde_json::from_str::<Value>(&text).ok())
-    {
-        Some(value) => value,
-        None => Value::String(String::from_utf8_lossy(&view.record.body).into_owned()),
-    };
+    body["body"] = serde_json::from_slice(&view.record.body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&view.record.body).into_owned()));
     Ok(HttpResponse::Ok().json(body))
 }
 

@@ -148,9 +148,16 @@ fn time_arg(text: &str) -> Result<String, String> {
     if OffsetDateTime::parse(text, &Rfc3339).is_ok() {
         return Ok(text.to_string());
     }
-    match humantime::parse_duration(text) {
-        Ok(age) => format(OffsetDateTime::now_utc() - age),
-        Err(_) => Err(format!(
+    match crate::config::parse_duration(text) {
+        // Checked: an age past the calendar's start would panic in plain subtraction.
+        Some(age) => time::Duration::try_from(age)
+            .ok()
+            .and_then(|age| OffsetDateTime::now_utc().checked_sub(age))
+            .map_or_else(
+                || Err(format!("the age {text:?} reaches before year -9999")),
+                format,
+            ),
+        None => Err(format!(
             "expected an RFC 3339 time (2026-11-29T06:00:00Z), Unix seconds, `now`, or an \
              age such as 90m, 2h or 7d; got {text:?}"
         )),
@@ -596,6 +603,7 @@ mod tests {
         let age = OffsetDateTime::now_utc() - two_hours_ago;
         assert!((age.whole_seconds() - 7200).abs() < 5, "{age}");
         assert!(OffsetDateTime::parse(&time_arg("now").unwrap(), &Rfc3339).is_ok());
+        assert!(time_arg("99999999999d").is_err());
         assert!(time_arg("yesterday").is_err());
     }
 

@@ -261,33 +261,12 @@ fn scrub(text: &str, url: &str) -> String {
         .and_then(|u| u.password().map(str::to_string));
     match password {
         Some(password) if !password.is_empty() => {
-            let decoded = percent_decode(&password);
-            text.replace(&password, "***").replace(&decoded, "***")
+            let decoded = percent_encoding::percent_decode_str(&password).decode_utf8_lossy();
+            text.replace(&password, "***")
+                .replace(decoded.as_ref(), "***")
         }
         _ => text.to_string(),
     }
-}
-
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok());
-        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
