@@ -20,11 +20,11 @@
 //! A duplicate whose original is already durable is answered without the writer.
 
 mod archive;
+mod disk;
 mod record;
 mod writer;
 
-use std::fs::OpenOptions;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -211,6 +211,7 @@ impl Store {
         let (durable, _) = watch::channel(shared.db.generate_id()?);
         let slot = Arc::new(Slot {
             current: RwLock::new(Some(Arc::new(shared))),
+            retired: Mutex::new(None),
             durable,
             writable: true.into(),
             outbox_len: AtomicU64::new(counts.outbox),
@@ -459,10 +460,18 @@ struct Counts {
     archive: u64,
 }
 
-/// Opens sled on the data directory, with its trees and a handle on its log file for fdatasync.
+/// Opens sled on the data directory with its trees, and makes what it recovered durable.
+///
+/// The cached pages of the store's files are dropped first, so that sled recovers from what
+/// the disk holds (see [`disk`]), and everything is synced before this returns: the files and
+/// directory entries sled just created, and pages left dirty by an earlier process. So what an
+/// open finds counts as durable, at the first start as after a reopen.
 fn open_database(options: &StoreOptions) -> Result<(Shared, Counts), StoreError> {
-    std::fs::create_dir_all(&options.data_dir)
-        .map_err(|e| StoreError::Unwritable(format!("{}: {e}", options.data_dir.display())))?;
+    let unwritable =
+        |e: std::io::Error| StoreError::Unwritable(format!("{}: {e}", options.data_dir.display()));
+    disk::check_kernel().map_err(StoreError::Unwritable)?;
+    disk::evict_cached_pages(&options.data_dir).map_err(unwritable)?;
+    std::fs::create_dir_all(&options.data_dir).map_err(unwritable)?;
     let db = sled::Config::new()
         .path(&options.data_dir)
         .cache_capacity(options.cache_size)
@@ -473,10 +482,7 @@ fn open_database(options: &StoreOptions) -> Result<(Shared, Counts), StoreError>
             }
             other => StoreError::Sled(other),
         })?;
-    let log_file = OpenOptions::new()
-        .read(true)
-        .open(log_file_path(&options.data_dir))
-        .map_err(|e| StoreError::Unwritable(format!("sled log file: {e}")))?;
+    let data_dir = disk::DataDir::open(&options.data_dir).map_err(unwritable)?;
     let dedup = db.open_tree("dedup")?;
     let dedup_by_time = db.open_tree("dedup_by_time")?;
     let outbox = db.open_tree("outbox")?;
@@ -489,19 +495,15 @@ fn open_database(options: &StoreOptions) -> Result<(Shared, Counts), StoreError>
     };
     let shared = Shared {
         db,
-        log_file,
+        data_dir,
         dedup,
         dedup_by_time,
         outbox,
         archive,
         meta,
     };
+    shared.make_durable().map_err(StoreError::Unwritable)?;
     Ok((shared, counts))
-}
-
-/// sled 0.34 keeps its log in `<data_dir>/db`.
-fn log_file_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("db")
 }
 
 pub fn unix_millis(t: SystemTime) -> u64 {
@@ -512,6 +514,7 @@ pub fn unix_millis(t: SystemTime) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn options(dir: &Path, outbox_max: u64) -> StoreOptions {
         StoreOptions {

@@ -3,10 +3,16 @@
 //! Requests hand their record to this thread and wait for the answer. The thread takes
 //! whatever has queued up (up to [`MAX_BATCH`]), writes the whole batch in **one sled
 //! transaction** (dedup check, dedup key, time index, outbox record for each event), calls
-//! sled's `flush()` once, then `fdatasync`s sled's log file through a handle of its own
-//! (sled's `flush` on Linux is `sync_file_range`, which neither empties the device cache nor
-//! records the file's size), and only then answers the whole batch. While it syncs, the next
-//! batch gathers: the busier the service, the more requests share one fsync.
+//! sled's `flush()` once, then `syncfs`s the data directory's file system (sled's `flush` on
+//! Linux is `sync_file_range`, and sled never syncs its blob files or any directory: see
+//! [`disk`](super::disk)), and only then answers the whole batch. While it syncs, the next
+//! batch gathers: the busier the service, the more requests share one sync.
+//!
+//! **A failed write or sync retires the database.** After a failed sync the kernel may have
+//! dropped what it could not write while still returning it to reads, so nothing more is
+//! answered from that database, not even a duplicate: it is taken out of service at once
+//! (readers get `Unwritable`, so 503), and the next job reopens it from what the disk holds,
+//! which counts as durable only once the sync after that open succeeds.
 //!
 //! Writing and syncing are not overlapped on purpose: measured here, a second thread syncing
 //! while the writer wrote halved the throughput (sled's flush and concurrent writes slow each
@@ -17,9 +23,8 @@
 //! `flush_async` from seven or more tasks at once hangs on sled 0.34.7 (sled issue #1308).
 
 use std::collections::HashSet;
-use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -27,6 +32,7 @@ use sled::Transactional;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::archive::{decode_archived, Redelivery};
+use super::disk::DataDir;
 use super::{
     add_count, encode_keys, open_database, DedupEntry, OutboxRecord, StoreError, StoreOptions,
     Stored, TimeIndexKey, ARCHIVE_COUNT, DEDUP_COUNT, OUTBOX_COUNT,
@@ -52,11 +58,11 @@ pub(super) enum Job {
     Stop,
 }
 
-/// The open database: sled, its trees, and our own handle on its log file (for fdatasync).
+/// The open database: sled, its trees, and the data directory it syncs.
 /// Replaced as a whole when the writer reopens the database after a disk error.
 pub(super) struct Shared {
     pub db: sled::Db,
-    pub log_file: File,
+    pub data_dir: DataDir,
     pub dedup: sled::Tree,
     pub dedup_by_time: sled::Tree,
     pub outbox: sled::Tree,
@@ -68,9 +74,12 @@ pub(super) struct Shared {
 /// is being reopened), the durability mark the relay waits on, readiness, and the counts.
 pub(super) struct Slot {
     pub current: RwLock<Option<Arc<Shared>>>,
+    /// A database taken out of service by a failed write or sync, kept until the reopen
+    /// can wait for its last reader to let go of it.
+    pub retired: Mutex<Option<Arc<Shared>>>,
     /// Every outbox sequence number at or below this is on disk; the relay reads up to it.
     pub durable: watch::Sender<u64>,
-    /// False after a failed write or flush, true again after the next good flush.
+    /// False from a failed write or sync until a reopen succeeds.
     pub writable: AtomicBool,
     pub outbox_len: AtomicU64,
     pub dedup_len: AtomicU64,
@@ -87,6 +96,20 @@ impl Slot {
             .ok_or_else(|| {
                 StoreError::Unwritable("the database is being reopened after a disk error".into())
             })
+    }
+
+    /// Takes the database out of service after a failed write or sync: from now on every
+    /// request is refused until [`reopen`] brings back one that the disk vouches for.
+    fn retire(&self) {
+        self.writable.store(false, Ordering::Release);
+        let failed = self
+            .current
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(failed) = failed {
+            *self.retired.lock().unwrap_or_else(|p| p.into_inner()) = Some(failed);
+        }
     }
 }
 
@@ -188,13 +211,12 @@ fn write_batch(
             _ => None,
         })
         .max();
-    if outcomes
+    let write_failed = outcomes
         .iter()
         .any(|o| matches!(o, Err(StoreError::Unwritable(_))))
-    {
-        // Not writable until a flush succeeds again: readiness must say so at once.
-        slot.writable.store(false, Ordering::Release);
-    }
+        || redelivered
+            .iter()
+            .any(|r| matches!(r, Err(StoreError::Unwritable(_))));
     let newest = outcomes
         .iter()
         .filter_map(|o| match o {
@@ -203,10 +225,12 @@ fn write_batch(
         })
         .chain(newest_redelivered)
         .max();
-    // A batch of duplicates only needs a sync if an earlier sync failed: otherwise every
-    // original it found was synced before its own answer went out.
-    let needs_sync = newest.is_some() || !slot.writable.load(Ordering::Acquire);
-    let failure = if needs_sync {
+    // A batch of duplicates needs no sync: every original it found in this database was
+    // synced before its own answer (or at the open), since a failed sync retires the database.
+    let failure = if write_failed {
+        slot.retire();
+        Some("a write to the store failed".to_string())
+    } else if newest.is_some() {
         flush(slot, shared).err()
     } else {
         None
@@ -234,16 +258,18 @@ fn write_batch(
 /// database is dropped only once no reader holds it, because sled's file lock is released only
 /// when its last handle goes. What the reopened database recovers from disk is durable.
 fn reopen(slot: &Slot) -> Result<(), StoreError> {
-    let old = slot
+    let current = slot
         .current
         .write()
         .unwrap_or_else(|p| p.into_inner())
         .take();
+    let old = current.or_else(|| slot.retired.lock().unwrap_or_else(|p| p.into_inner()).take());
     if let Some(old) = old {
         let deadline = Instant::now() + REOPEN_WAIT;
         while Arc::strong_count(&old) > 1 {
             if Instant::now() >= deadline {
-                *slot.current.write().unwrap_or_else(|p| p.into_inner()) = Some(old);
+                // Still failed: it goes back to retirement, never into service.
+                *slot.retired.lock().unwrap_or_else(|p| p.into_inner()) = Some(old);
                 return Err(StoreError::Unwritable(
                     "the old database is still in use".into(),
                 ));
@@ -252,6 +278,7 @@ fn reopen(slot: &Slot) -> Result<(), StoreError> {
         }
         drop(old);
     }
+    // Synced inside: what it recovered is on disk before it counts as durable.
     let (shared, counts) = open_database(&slot.options)?;
     let recovered = shared.db.generate_id()?;
     slot.durable.send_if_modified(|durable| {
@@ -264,9 +291,9 @@ fn reopen(slot: &Slot) -> Result<(), StoreError> {
     slot.outbox_len.store(counts.outbox, Ordering::Relaxed);
     slot.dedup_len.store(counts.dedup, Ordering::Relaxed);
     slot.archive_len.store(counts.archive, Ordering::Relaxed);
-    let synced = flush(slot, &shared);
     *slot.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(shared));
-    synced.map_err(StoreError::Unwritable)
+    slot.writable.store(true, Ordering::Release);
+    Ok(())
 }
 
 type Outcome = Result<(Stored, u64), StoreError>;
@@ -431,18 +458,22 @@ fn put_back(slot: &Slot, shared: &Shared, seqs: &[u64]) -> Result<Vec<Redelivery
     Ok(outcomes)
 }
 
+/// Makes the batch just written durable; on failure the database is retired, because the
+/// kernel may already have dropped what it failed to write.
 fn flush(slot: &Slot, shared: &Shared) -> Result<(), String> {
-    let result = shared
-        .db
-        .flush()
-        .map_err(|e| e.to_string())
-        .and_then(|_| shared.log_file.sync_data().map_err(|e| e.to_string()));
-    match &result {
-        Ok(()) => slot.writable.store(true, Ordering::Release),
-        Err(reason) => {
-            tracing::error!(%reason, "store flush failed; answering 503 until a flush succeeds");
-            slot.writable.store(false, Ordering::Release);
-        }
+    let result = shared.make_durable();
+    if let Err(reason) = &result {
+        tracing::error!(%reason, "store sync failed; answering 503 until the database is reopened");
+        slot.retire();
     }
     result
+}
+
+impl Shared {
+    /// sled's buffers to its files (`flush`), then everything on the data directory's file
+    /// system to stable storage (`syncfs`).
+    pub fn make_durable(&self) -> Result<(), String> {
+        self.db.flush().map_err(|e| e.to_string())?;
+        self.data_dir.sync().map_err(|e| format!("syncfs: {e}"))
+    }
 }
