@@ -81,9 +81,8 @@ pub(super) fn evict_cached_pages(data_dir: &Path) -> io::Result<()> {
         } else if kind.is_file() {
             let file = File::open(entry.path())?;
             // SAFETY: the descriptor is open for the duration of the call.
-            let rc = unsafe {
-                libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED)
-            };
+            let rc =
+                unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
             if rc != 0 {
                 return Err(io::Error::from_raw_os_error(rc));
             }

@@ -263,7 +263,12 @@ fn reopen(slot: &Slot) -> Result<(), StoreError> {
         .write()
         .unwrap_or_else(|p| p.into_inner())
         .take();
-    let old = current.or_else(|| slot.retired.lock().unwrap_or_else(|p| p.into_inner()).take());
+    let old = current.or_else(|| {
+        slot.retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    });
     if let Some(old) = old {
         let deadline = Instant::now() + REOPEN_WAIT;
         while Arc::strong_count(&old) > 1 {
