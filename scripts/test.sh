@@ -3,6 +3,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-rabbitmq.sh
+# tests/api/durability.rs runs the relay under strace (it fails, saying so, without it).
+if ! command -v strace >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace >/dev/null
+    else
+        echo "strace is missing: install it (as root: apt-get install strace)" >&2
+        exit 1
+    fi
+fi
 # tests/api/consumers.rs runs the Python example consumer.
 python3 -c 'import pika' 2>/dev/null || python3 -m pip install --quiet -r examples/consumers/python/requirements.txt
 cargo test --locked "$@"

@@ -6,6 +6,7 @@ mod chaos;
 mod cli;
 mod consumers;
 mod deploy;
+mod durability;
 mod helpers;
 mod hostile;
 mod relay;
