@@ -2,6 +2,15 @@
 # The benchmark command: release build, RabbitMQ and wrk ready, then the harness (one table,
 # each figure beside a baseline measured in the same run) and the criterion micro-benchmarks.
 # Pass --harness-only or --micro-only to run one half.
+#
+# The harness reads (cargo passes the environment through):
+#   KALLINA_BENCH_RELAY_BIN=<path>  measure that relay binary instead of this build's, e.g. one
+#       saved from an earlier commit, to compare the two on the same machine in one session:
+#         git worktree add /tmp/before <commit> && cargo build --release \
+#           --manifest-path /tmp/before/Cargo.toml && cp /tmp/before/target/release/kallina-relay /tmp/
+#         KALLINA_BENCH_RELAY_BIN=/tmp/kallina-relay scripts/bench.sh --harness-only
+#   KALLINA_BENCH_ONLY=ingest,large,memory  only those scenarios (comma-separated)
+#   KALLINA_BENCH_SECONDS=<n>  cap each load run at n seconds: checks the harness, not figures
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-rabbitmq.sh

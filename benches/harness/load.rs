@@ -23,6 +23,10 @@ pub(crate) struct WrkResult {
     pub(crate) p50_ms: f64,
     pub(crate) p99_ms: f64,
     pub(crate) non_2xx: u64,
+    /// Requests answered in the run.
+    pub(crate) requests: u64,
+    /// wrk's "Socket errors" line when it printed one (timeouts are not in the latencies).
+    pub(crate) socket_errors: Option<String>,
 }
 
 /// Runs wrk for `seconds` with 64 connections; `unique` gives every request its own delivery id.
@@ -37,7 +41,8 @@ pub(crate) fn wrk(
     let body_file = dir.join(format!("body-{run}.json"));
     std::fs::write(&body_file, &body)?;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/wrk/post.lua");
-    let output = Command::new("wrk")
+    let mut command = Command::new("wrk");
+    command
         .args([
             "-t2",
             &format!("-c{CONNECTIONS}"),
@@ -50,7 +55,13 @@ pub(crate) fn wrk(
         .env("KALLINA_BENCH_BODY_FILE", &body_file)
         .env("KALLINA_BENCH_SIGNATURE", sign(SECRET.as_bytes(), &body))
         .env("KALLINA_BENCH_UNIQUE", if unique { "1" } else { "0" })
-        .env("KALLINA_BENCH_RUN", run)
+        .env("KALLINA_BENCH_RUN", run);
+    run_wrk(command, run)
+}
+
+/// Runs a prepared wrk command and reads its summary.
+pub(crate) fn run_wrk(mut command: Command, run: &str) -> Result<WrkResult> {
+    let output = command
         .output()
         .context("running wrk (apt-get install wrk)")?;
     let text = String::from_utf8_lossy(&output.stdout).to_string();
@@ -59,14 +70,28 @@ pub(crate) fn wrk(
             .find_map(|l| l.trim().strip_prefix(prefix).map(|v| v.trim().to_string()))
     };
     let rps: f64 = field("Requests/sec:")
-        .context("wrk printed no Requests/sec")?
+        .with_context(|| {
+            format!(
+                "wrk printed no Requests/sec: {}{}",
+                text,
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })?
         .parse()?;
     let non_2xx = field("Non-2xx or 3xx responses:").map_or(0, |v| v.parse().unwrap_or(0));
+    let requests = text
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
     let result = WrkResult {
         rps,
         p50_ms: latency(&field("50%"))?,
         p99_ms: latency(&field("99%"))?,
         non_2xx,
+        requests,
+        socket_errors: field("Socket errors:"),
     };
     println!(
         "  wrk {run}: {:.0}/s p50 {:.2} ms p99 {:.2} ms non-2xx {}",

@@ -9,7 +9,18 @@
 //!    the same properties, window and broker;
 //! 4. sustained: a fixed offered rate with the relay publishing and a consumer reading, then
 //!    rising rates until the targets are missed;
-//! 5. memory with 1M events in the outbox, and disk per stored event.
+//! 5. memory with 1M events in the outbox, and disk per stored event;
+//! 6. large: distinct signed 100 KB events, 16 connections, broker cut, against the disk's
+//!    own bandwidth for 100 KB appends with an fdatasync each (and one per 16), on the
+//!    filesystem of the relay's data dir.
+//!
+//! Environment:
+//! - `KALLINA_BENCH_RELAY_BIN=<path>`: measure that relay binary (say one built at an earlier
+//!   commit) instead of this build's; the heading names the binary that ran.
+//! - `KALLINA_BENCH_ONLY=<names, comma-separated>`: only these scenarios, from `ingest`
+//!   (scenario 1 with its baseline), `large` (6) and `memory` (the 1M-event figure alone).
+//! - `KALLINA_BENCH_SECONDS=<n>`: cap every wrk run and disk baseline at n seconds, for a
+//!   quick check that the harness works; the figures it gives are not the benchmark's.
 
 // The imports below are the harness's shared prelude: its modules `use super::*`.
 use std::collections::BTreeMap;
@@ -33,11 +44,13 @@ use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties, Exc
 use tokio::net::{TcpListener, TcpStream};
 
 mod broker;
+mod large;
 mod load;
 mod processes;
 mod store_fill;
 
 use broker::*;
+use large::*;
 use load::*;
 use processes::*;
 use store_fill::*;
@@ -58,6 +71,114 @@ struct Row {
     baseline: String,
     ratio: String,
     target: &'static str,
+}
+
+/// The scenarios `KALLINA_BENCH_ONLY` can pick.
+const SELECTABLE: [&str; 3] = ["ingest", "large", "memory"];
+
+/// `KALLINA_BENCH_ONLY` as a list of known names; `None` when unset or empty (every scenario).
+fn selection() -> Result<Option<Vec<String>>> {
+    let Ok(value) = std::env::var("KALLINA_BENCH_ONLY") else {
+        return Ok(None);
+    };
+    let names: Vec<String> = value
+        .split(',')
+        .map(|n| n.trim().to_ascii_lowercase())
+        .filter(|n| !n.is_empty())
+        .collect();
+    if let Some(unknown) = names.iter().find(|n| !SELECTABLE.contains(&n.as_str())) {
+        bail!(
+            "KALLINA_BENCH_ONLY: unknown scenario `{unknown}` (known: {})",
+            SELECTABLE.join(", ")
+        );
+    }
+    Ok((!names.is_empty()).then_some(names))
+}
+
+/// `default` seconds, or fewer when `KALLINA_BENCH_SECONDS` asks for a quick run.
+fn seconds(default: u32) -> u32 {
+    std::env::var("KALLINA_BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .map_or(default, |cap| cap.clamp(1, default))
+}
+
+/// The selected scenarios alone, in the order given; `memory` prints its line as it always
+/// has, the others make rows of the usual table.
+async fn run_only(names: &[String]) -> Result<()> {
+    let work = tempfile::tempdir()?;
+    let machine = machine()?;
+    println!("kallina-relay benchmark harness — {machine}");
+    let mut rows = Vec::new();
+    for name in names {
+        match name.as_str() {
+            "memory" => memory_only().await?,
+            "ingest" => rows.push(ingest_only(work.path()).await?),
+            "large" => {
+                let forwarder = Forwarder::start().await?;
+                let config = work.path().join("relay-large.toml");
+                std::fs::write(&config, "")?;
+                let exchange = format!("bench.events.{}", fastrand::u32(..));
+                rows.push(large_ingest(work.path(), &config, &exchange, &forwarder).await?);
+            }
+            _ => unreachable!("selection() lets only known names through"),
+        }
+    }
+    if !rows.is_empty() {
+        print_table(&machine, &rows);
+    }
+    Ok(())
+}
+
+/// Scenario 1 on its own: the same baseline, relay settings and runs as in the full harness.
+async fn ingest_only(work: &Path) -> Result<Row> {
+    let baseline_port = spawn_bare_endpoint().await?;
+    let forwarder = Forwarder::start().await?;
+    forwarder.cut();
+    let queue = format!("bench.q.{}", fastrand::u32(..));
+    let exchange = format!("bench.events.{}", fastrand::u32(..));
+    let config = work.join("relay-ingest.toml");
+    std::fs::write(
+        &config,
+        format!("[[queues]]\nname = \"{queue}\"\nbindings = [\"#\"]\n"),
+    )?;
+    let mut relay = Relay::start(
+        &work.join("ingest-data"),
+        &config,
+        &exchange,
+        &forwarder.url(),
+    )?;
+    relay.wait_healthy().await?;
+    let base = wrk(work, baseline_port, true, "base", seconds(10))?;
+    let ingest = wrk(work, relay.port, true, "ingest", seconds(8))?;
+    relay.stop()?;
+    Ok(ingest_row(&ingest, &base))
+}
+
+fn ingest_row(ingest: &WrkResult, base: &WrkResult) -> Row {
+    Row {
+        scenario: "ingest: distinct events, 64 conns, broker cut",
+        figure: format!(
+            "{:.0}/s p50 {:.2} ms p99 {:.2} ms, non-2xx {}",
+            ingest.rps, ingest.p50_ms, ingest.p99_ms, ingest.non_2xx
+        ),
+        baseline: format!(
+            "{:.0}/s p50 {:.2} ms p99 {:.2} ms",
+            base.rps, base.p50_ms, base.p99_ms
+        ),
+        ratio: pct(ingest.rps, base.rps),
+        target: "≥ 30k/s, ≥ 35 %, p99 ≤ 10 ms",
+    }
+}
+
+/// The machine and the relay binary under test, for the headings.
+fn machine() -> Result<String> {
+    Ok(format!(
+        "{} cores, {}; relay {}",
+        num_cpus(),
+        kernel(),
+        relay_bin()?.display()
+    ))
 }
 
 /// The memory scenario alone (`KALLINA_BENCH_ONLY=memory`), for iterating on memory use.
@@ -92,19 +213,23 @@ async fn million(
         "  relay started on 1M events: RSS peak so far {} MB",
         relay.peak_rss_mb()
     );
-    let _ = wrk(work, relay.port, true, "million", 5)?;
+    let _ = wrk(work, relay.port, true, "million", seconds(5))?;
     let peak = relay.peak_rss_mb();
     relay.stop()?;
     Ok((filled, disk, peak))
 }
 
 async fn run() -> Result<()> {
-    if std::env::var("KALLINA_BENCH_ONLY").as_deref() == Ok("memory") {
-        return memory_only().await;
+    if let Some(names) = selection()? {
+        if names == ["memory"] {
+            println!("relay {}", relay_bin()?.display());
+            return memory_only().await;
+        }
+        return run_only(&names).await;
     }
     let work = tempfile::tempdir()?;
     let mut rows = Vec::new();
-    let machine = format!("{} cores, {}", num_cpus(), kernel());
+    let machine = machine()?;
     println!("kallina-relay benchmark harness — {machine}");
 
     // Baseline: a bare actix-web endpoint answering 200 to the same requests.
@@ -123,25 +248,13 @@ async fn run() -> Result<()> {
     relay.wait_healthy().await?;
 
     // 1. ingest
-    let base = wrk(work.path(), baseline_port, true, "base", 10)?;
-    let ingest = wrk(work.path(), relay.port, true, "ingest", 8)?;
+    let base = wrk(work.path(), baseline_port, true, "base", seconds(10))?;
+    let ingest = wrk(work.path(), relay.port, true, "ingest", seconds(8))?;
     let peak_ingest = relay.peak_rss_mb();
-    rows.push(Row {
-        scenario: "ingest: distinct events, 64 conns, broker cut",
-        figure: format!(
-            "{:.0}/s p50 {:.2} ms p99 {:.2} ms, non-2xx {}",
-            ingest.rps, ingest.p50_ms, ingest.p99_ms, ingest.non_2xx
-        ),
-        baseline: format!(
-            "{:.0}/s p50 {:.2} ms p99 {:.2} ms",
-            base.rps, base.p50_ms, base.p99_ms
-        ),
-        ratio: pct(ingest.rps, base.rps),
-        target: "≥ 30k/s, ≥ 35 %, p99 ≤ 10 ms",
-    });
+    rows.push(ingest_row(&ingest, &base));
 
     // 2. duplicates
-    let dup = wrk(work.path(), relay.port, false, "dup", 8)?;
+    let dup = wrk(work.path(), relay.port, false, "dup", seconds(8))?;
     rows.push(Row {
         scenario: "duplicates: the same event re-sent",
         figure: format!("{:.0}/s p99 {:.2} ms", dup.rps, dup.p99_ms),
@@ -240,6 +353,10 @@ async fn run() -> Result<()> {
         ratio: "—".into(),
         target: "report",
     });
+
+    // 6. large bodies: last, with a data dir of its own, so that the scenarios above run on
+    //    the same disk and data as they did before it existed.
+    rows.push(large_ingest(work.path(), &config, &exchange, &forwarder).await?);
 
     print_table(&machine, &rows);
     cleanup(&queue, &exchange).await;

@@ -24,6 +24,18 @@ pub(crate) async fn spawn_bare_endpoint() -> Result<u16> {
     Ok(port)
 }
 
+/// The relay binary under test: `KALLINA_BENCH_RELAY_BIN` when set (a binary saved from an
+/// earlier commit, to measure it beside this one on the same machine in the same hour), else
+/// the one cargo built for this harness.
+pub(crate) fn relay_bin() -> Result<PathBuf> {
+    let Some(path) = std::env::var_os("KALLINA_BENCH_RELAY_BIN") else {
+        return Ok(PathBuf::from(env!("CARGO_BIN_EXE_kallina-relay")));
+    };
+    // Absolute, so that the heading names the file whatever directory cargo ran us from.
+    std::fs::canonicalize(&path)
+        .with_context(|| format!("KALLINA_BENCH_RELAY_BIN={}", Path::new(&path).display()))
+}
+
 /// The release binary as a child process.
 pub(crate) struct Relay {
     pub(crate) child: Child,
@@ -48,7 +60,7 @@ impl Relay {
         amqp: &str,
     ) -> Result<Self> {
         let (port, admin) = (free_port(), free_port());
-        let mut command = Command::new(env!("CARGO_BIN_EXE_kallina-relay"));
+        let mut command = Command::new(relay_bin()?);
         command.env_clear();
         // Knobs to experiment with, passed through when set.
         for name in [
