@@ -3,9 +3,9 @@
 //! Requests hand their record to this thread and wait for the answer. The thread takes
 //! whatever has queued up (up to [`MAX_BATCH`]), writes the whole batch in **one sled
 //! transaction** (dedup check, dedup key, time index, outbox record for each event), calls
-//! sled's `flush()` once, then `syncfs`s the data directory's file system (sled's `flush` on
-//! Linux is `sync_file_range`, and sled never syncs its blob files or any directory: see
-//! [`disk`](super::disk)), and only then answers the whole batch. While it syncs, the next
+//! sled's `flush()` once, then syncs what sled wrote (sled's `flush` on Linux is
+//! `sync_file_range`, and sled never syncs its blob files or any directory: see
+//! [`disk`](super::disk) for what a sync covers), and only then answers the whole batch. While it syncs, the next
 //! batch gathers: the busier the service, the more requests share one sync.
 //!
 //! **A failed write or sync retires the database.** After a failed sync the kernel may have
