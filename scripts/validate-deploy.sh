@@ -312,6 +312,9 @@ if missing:
     sys.exit(".dockerignore leaves out of the build context what cargo needs: " + ", ".join(missing))
 print(f"build context: {len(kept)} paths, with all {len(needed) - 2} target roots of the package")
 PY
+  # Resolving the lock file reads every package's manifest, those of other platforms too
+  # (Windows-only crates clippy never downloads): fetch them first, from crates.io.
+  cargo fetch --locked --quiet
   (cd "$work/context" && cargo metadata --locked --offline --format-version 1 >/dev/null)
   echo "cargo accepts the context's lock file (--locked)"
 }
