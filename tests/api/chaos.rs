@@ -271,16 +271,8 @@ impl Relay {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_kallina-relay"))
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("KALLINA_WEBHOOK_SECRET", SECRET)
-            .env("KALLINA_RELAY_LISTEN", format!("127.0.0.1:{port}"))
-            .env(
-                "KALLINA_RELAY_ADMIN_LISTEN",
-                format!("127.0.0.1:{admin_port}"),
-            )
-            .env("KALLINA_RELAY_DATA_DIR", &self.setup.data_dir)
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kallina-relay"));
+        let child = child_relay_env(&mut command, &self.setup.data_dir, port, admin_port)
             .env("KALLINA_RELAY_EXCHANGE", &self.setup.names.exchange)
             .env(
                 "KALLINA_RELAY_UNROUTED_EXCHANGE",
@@ -288,8 +280,6 @@ impl Relay {
             )
             .env("KALLINA_RELAY_CONFIG", &self.setup.config_file)
             .env("KALLINA_RELAY_AMQP_URL", &self.amqp_url)
-            .env("KALLINA_RELAY_CACHE_SIZE", "16MiB")
-            .env("KALLINA_RELAY_LOG_FORMAT", "json")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -684,23 +684,12 @@ struct Relay {
 
 fn relay_command(program: &str, data_dir: &Path, port: u16, admin_port: u16) -> Command {
     let mut command = Command::new(program);
-    command
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("KALLINA_WEBHOOK_SECRET", SECRET)
-        .env("KALLINA_RELAY_LISTEN", format!("127.0.0.1:{port}"))
-        .env(
-            "KALLINA_RELAY_ADMIN_LISTEN",
-            format!("127.0.0.1:{admin_port}"),
-        )
-        .env("KALLINA_RELAY_DATA_DIR", data_dir)
+    child_relay_env(&mut command, data_dir, port, admin_port)
         .env("KALLINA_RELAY_AMQP_URL", NO_BROKER_URL)
-        .env("KALLINA_RELAY_CACHE_SIZE", "16MiB")
         .env("KALLINA_RELAY_ADMIN_TOKEN", ADMIN_TOKEN)
         // No sweep during a test: its writes would only blur which sync belongs to what.
         .env("KALLINA_RELAY_SWEEP_INTERVAL", "1h")
         .env("KALLINA_RELAY_SHUTDOWN_GRACE", "5s")
-        .env("KALLINA_RELAY_LOG_FORMAT", "json")
         .env("RUST_LOG", "warn");
     command
 }

@@ -459,25 +459,37 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The environment every relay started as a child process gets: nothing inherited but `PATH`,
+/// the test secret, both listeners on the given ports, the data directory, a small cache and
+/// JSON logs. Callers add what their test is about.
+pub fn child_relay_env<'a>(
+    command: &'a mut Command,
+    data_dir: &Path,
+    port: u16,
+    admin_port: u16,
+) -> &'a mut Command {
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("KALLINA_WEBHOOK_SECRET", SECRET)
+        .env("KALLINA_RELAY_LISTEN", format!("127.0.0.1:{port}"))
+        .env(
+            "KALLINA_RELAY_ADMIN_LISTEN",
+            format!("127.0.0.1:{admin_port}"),
+        )
+        .env("KALLINA_RELAY_DATA_DIR", data_dir)
+        .env("KALLINA_RELAY_CACHE_SIZE", "16MiB")
+        .env("KALLINA_RELAY_LOG_FORMAT", "json")
+}
+
 impl ChildRelay {
     pub async fn start(data_dir: &Path, names: &Names, extra_env: &[(&str, &str)]) -> Self {
         let (port, admin_port) = (free_port(), free_port());
         let mut command = Command::new(env!("CARGO_BIN_EXE_kallina-relay"));
-        command
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("KALLINA_WEBHOOK_SECRET", SECRET)
-            .env("KALLINA_RELAY_LISTEN", format!("127.0.0.1:{port}"))
-            .env(
-                "KALLINA_RELAY_ADMIN_LISTEN",
-                format!("127.0.0.1:{admin_port}"),
-            )
-            .env("KALLINA_RELAY_DATA_DIR", data_dir)
+        child_relay_env(&mut command, data_dir, port, admin_port)
             .env("KALLINA_RELAY_EXCHANGE", &names.exchange)
             .env("KALLINA_RELAY_UNROUTED_EXCHANGE", &names.unrouted)
             .env("KALLINA_RELAY_AMQP_URL", BROKER_URL)
-            .env("KALLINA_RELAY_CACHE_SIZE", "16MiB")
-            .env("KALLINA_RELAY_LOG_FORMAT", "json")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
