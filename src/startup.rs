@@ -4,10 +4,14 @@
 //! 1. new webhook requests get 503 (`shutting_down`), the public listener stops accepting and
 //!    in-flight requests finish;
 //! 2. the relay stops publishing and waits (up to the grace period) for outstanding confirms;
+//!    the sweeper, the store's recovery and any redrive stop (a task that panicked is logged);
 //! 3. the store flushes and closes; the admin listener stops last.
+//!
+//! One signal reaches them all: the [`Shutdown`] watch, fired by the trigger (SIGTERM/SIGINT in
+//! the binary, a call in tests) or by the public listener failing. Every request handler and
+//! task reads that same signal; nothing polls for it.
 
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +19,8 @@ use actix_web::dev::Server;
 use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpServer};
 use anyhow::Context;
+use tokio::task::JoinSet;
+use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Admin};
 use crate::config::{Settings, TlsFiles};
@@ -36,7 +42,8 @@ pub struct Application {
     store: Store,
     relay: Relay,
     settings: Settings,
-    shutting_down: Arc<AtomicBool>,
+    /// Tasks the admin API starts (redrives), awaited when stopping.
+    admin_tasks: TaskTracker,
     trigger: ShutdownTrigger,
     shutdown: Shutdown,
 }
@@ -52,15 +59,15 @@ impl Application {
         })?;
         let metrics = Metrics::new();
         let broker = BrokerStatus::default();
-        let shutting_down = Arc::new(AtomicBool::new(false));
         let (trigger, shutdown) = shutdown::channel();
+        let admin_tasks = TaskTracker::new();
 
         let (listener, public_port) = bind(settings.listen, "KALLINA_RELAY_LISTEN")?;
         let ingress = web::Data::new(Ingress::new(
             &settings,
             store.clone(),
             metrics.clone(),
-            shutting_down.clone(),
+            shutdown.clone(),
         ));
         // One HTTP worker per core, as actix would choose; the count is needed for the cap.
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -94,7 +101,8 @@ impl Application {
             store: store.clone(),
             metrics: metrics.clone(),
             broker: broker.clone(),
-            shutting_down: shutting_down.clone(),
+            shutdown: shutdown.clone(),
+            tasks: admin_tasks.clone(),
             token: settings.admin_token.clone(),
             redrive_rate: settings.redrive_rate,
         });
@@ -124,7 +132,7 @@ impl Application {
             store,
             relay,
             settings,
-            shutting_down,
+            admin_tasks,
             trigger,
             shutdown,
         })
@@ -151,7 +159,7 @@ impl Application {
             store,
             relay,
             settings,
-            shutting_down,
+            admin_tasks,
             trigger,
             mut shutdown,
             ..
@@ -160,9 +168,10 @@ impl Application {
         let admin_handle = admin.handle();
         let mut public_task = tokio::spawn(public);
         let admin_task = tokio::spawn(admin);
-        let relay_task = tokio::spawn(relay.run(shutdown.clone()));
-        let sweeper_task = tokio::spawn(sweep(store.clone(), settings.clone(), shutdown.clone()));
-        let recovery_task = tokio::spawn(recover_store(store.clone(), shutdown.clone()));
+        let mut tasks = JoinSet::new();
+        tasks.spawn(relay.run(shutdown.clone()));
+        tasks.spawn(sweep(store.clone(), settings.clone(), shutdown.clone()));
+        tasks.spawn(recover_store(store.clone(), shutdown.clone()));
         tracing::info!(settings = %settings.summary(), "kallina-relay serving");
 
         let early_exit = tokio::select! {
@@ -170,16 +179,25 @@ impl Application {
             result = &mut public_task => Some(result),
         };
         tracing::info!("shutting down: finishing in-flight requests");
-        shutting_down.store(true, Ordering::Release);
+        // Already fired unless the public listener failed: then this is what stops the rest.
         trigger.trigger();
         public_handle.stop(true).await;
         let public_result = match early_exit {
             Some(result) => result,
             None => public_task.await,
         };
-        let _ = relay_task.await;
-        let _ = sweeper_task.await;
-        let _ = recovery_task.await;
+        while let Some(finished) = tasks.join_next().await {
+            if let Err(e) = finished {
+                tracing::error!(error = %e, "a background task failed");
+            }
+        }
+        admin_tasks.close();
+        if tokio::time::timeout(settings.shutdown_grace, admin_tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("an admin task did not stop within the grace period");
+        }
         let stats = store.stats();
         store.close();
         tracing::info!(
@@ -188,13 +206,16 @@ impl Application {
         );
         admin_handle.stop(true).await;
         let _ = admin_task.await;
-        // The HTTP workers drop their copies of the store on their own threads, a moment after
-        // their server stopped; "stopped" means the data directory is free for the next
-        // process (or, in tests, the next application in this one).
-        if !store.wait_until_sole_handle(Duration::from_secs(10)).await {
+        // "Stopped" means the data directory is free for the next process (or, in tests, the
+        // next application in this one): wait for the workers' handles to go too.
+        let released = store.released();
+        drop(store);
+        if tokio::time::timeout(Duration::from_secs(10), released)
+            .await
+            .is_err()
+        {
             tracing::warn!("the store is still referenced after shutdown");
         }
-        drop(store);
         public_result
             .context("the public listener task failed")?
             .context("the public listener failed")?;

@@ -33,8 +33,6 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use actix_http::Request;
 use actix_service::boxed::{self, BoxService};
@@ -49,6 +47,7 @@ use actix_web::{test, web, App};
 use kallina_relay::config::{Layers, Secret, Settings};
 use kallina_relay::ingress::{self, assign_request_id, parse_envelope, Ingress, WEBHOOK_PATH};
 use kallina_relay::metrics::Metrics;
+use kallina_relay::shutdown;
 use kallina_relay::signature::{self, SignatureError};
 use kallina_relay::store::{Store, StoreOptions};
 use libfuzzer_sys::fuzz_target;
@@ -72,11 +71,14 @@ const HEAD_LEN: usize = 12;
 /// The app and its state, built once per process. actix's services are `!Send` (they hold
 /// `Rc`s), so the runtime and the service live in a thread-local rather than a `OnceLock`:
 /// libFuzzer calls the target from one thread.
+type FuzzApp = BoxService<Request, ServiceResponse<BoxBody>, actix_web::Error>;
+
 struct Harness {
     runner: SystemRunner,
-    app: BoxService<Request, ServiceResponse<BoxBody>, actix_web::Error>,
+    app: FuzzApp,
+    /// The same app over the same store, with its shutdown fired (a signal fires only once).
+    stopping_app: FuzzApp,
     secrets: Vec<Secret>,
-    shutting_down: Arc<AtomicBool>,
     /// Dedup keys answered 202 so far: the store's expected content.
     stored: RefCell<HashSet<String>>,
     /// `KALLINA_FUZZ_REPORT=1`: one line per answer on stderr, to see which answers a corpus
@@ -121,26 +123,33 @@ impl Harness {
             keep_archive: false,
         })
         .expect("the store opens in a fresh directory");
-        let shutting_down = Arc::new(AtomicBool::new(false));
-        let state = web::Data::new(Ingress::new(
-            &settings,
-            store,
-            Metrics::new(),
-            shutting_down.clone(),
-        ));
-        // As startup.rs builds the public listener's app.
-        let app = runner.block_on(test::init_service(
-            App::new()
-                .wrap(from_fn(assign_request_id))
-                .app_data(state)
-                .configure(ingress::routes),
-        ));
-        let app = boxed::service(app.map(ServiceResponse::map_into_boxed_body));
+        let metrics = Metrics::new();
+        let build = |stopping: bool| {
+            let (trigger, signal) = shutdown::channel();
+            if stopping {
+                trigger.trigger();
+            }
+            let state = web::Data::new(Ingress::new(
+                &settings,
+                store.clone(),
+                metrics.clone(),
+                signal,
+            ));
+            // As startup.rs builds the public listener's app.
+            let app = runner.block_on(test::init_service(
+                App::new()
+                    .wrap(from_fn(assign_request_id))
+                    .app_data(state)
+                    .configure(ingress::routes),
+            ));
+            boxed::service(app.map(ServiceResponse::map_into_boxed_body))
+        };
+        let (app, stopping_app) = (build(false), build(true));
         Self {
             runner,
             app,
+            stopping_app,
             secrets: settings.secrets.clone(),
-            shutting_down,
             stored: RefCell::new(HashSet::new()),
             report: std::env::var_os("KALLINA_FUZZ_REPORT").is_some(),
         }
@@ -446,9 +455,6 @@ fn predict(case: &Case, secrets: &[Secret]) -> Vec<Outcome> {
 }
 
 fn run(case: Case, harness: &Harness) {
-    harness
-        .shutting_down
-        .store(case.shutting_down, Ordering::Release);
     let mut request = test::TestRequest::default()
         .method(case.method.clone())
         .uri(&case.path)
@@ -461,8 +467,12 @@ fn run(case: Case, harness: &Harness) {
         };
     }
     let (status, headers, body) = harness.runner.block_on(async {
-        let response = harness
-            .app
+        let app = if case.shutting_down {
+            &harness.stopping_app
+        } else {
+            &harness.app
+        };
+        let response = app
             .call(request.to_request())
             .await
             .unwrap_or_else(|e| panic!("the app answered with an actix error, not ours: {e:?}"));

@@ -23,6 +23,7 @@ use time::OffsetDateTime;
 
 use super::Admin;
 use crate::ingress::{assign_request_id, error_body, RequestId};
+use crate::shutdown::Shutdown;
 use crate::store::{EventQuery, EventStatus, EventView, Redelivery, StoreError};
 
 const DEFAULT_LIMIT: usize = 100;
@@ -358,13 +359,14 @@ async fn redrive(req: HttpRequest, admin: web::Data<Admin>, body: web::Bytes) ->
     }
     tracing::info!(matched, rate = admin.redrive_rate, "redrive started");
     admin.metrics.redrive_pending.add(matched as i64);
-    actix_web::rt::spawn(run_redrive(admin.clone(), seqs));
+    actix_web::rt::spawn(admin.tasks.track_future(run_redrive(admin.clone(), seqs)));
     Ok(HttpResponse::Accepted().json(json!({ "matched": matched, "dry_run": false })))
 }
 
 /// Puts the matched events back, a chunk at a time, at most `redrive_rate` per second; waits
 /// while the outbox is full, and stops (saying how many were left) when the service stops.
 async fn run_redrive(admin: web::Data<Admin>, seqs: Vec<u64>) {
+    let mut shutdown = admin.shutdown.clone();
     let rate = admin.redrive_rate.max(1) as usize;
     let chunk_size = REDRIVE_CHUNK.min(rate);
     let pause = Duration::from_secs_f64(chunk_size as f64 / rate as f64);
@@ -372,10 +374,7 @@ async fn run_redrive(admin: web::Data<Admin>, seqs: Vec<u64>) {
     let mut put_back = 0u64;
     for chunk in seqs.chunks(chunk_size) {
         loop {
-            if admin
-                .shutting_down
-                .load(std::sync::atomic::Ordering::Acquire)
-            {
+            if shutdown.is_triggered() {
                 tracing::warn!(
                     left,
                     "redrive stopped by shutdown; run it again after the restart"
@@ -399,15 +398,23 @@ async fn run_redrive(admin: web::Data<Admin>, seqs: Vec<u64>) {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, left, "redrive waiting for the store");
-                    actix_web::rt::time::sleep(Duration::from_secs(1)).await;
+                    pause_unless_stopped(&mut shutdown, Duration::from_secs(1)).await;
                 }
             }
         }
         left -= chunk.len();
         admin.metrics.redrive_pending.sub(chunk.len() as i64);
-        actix_web::rt::time::sleep(pause).await;
+        pause_unless_stopped(&mut shutdown, pause).await;
     }
     tracing::info!(put_back, "redrive finished");
+}
+
+/// Sleeps for `pause`, or less if the service starts stopping meanwhile.
+async fn pause_unless_stopped(shutdown: &mut Shutdown, pause: Duration) {
+    tokio::select! {
+        _ = actix_web::rt::time::sleep(pause) => {}
+        _ = shutdown.recv() => {}
+    }
 }
 
 /// An event's summary, as lists show it.

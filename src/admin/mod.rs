@@ -6,15 +6,14 @@
 
 mod api;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-
 use actix_web::{web, HttpResponse};
 use serde_json::json;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Secret;
 use crate::metrics::Metrics;
 use crate::relay::{BrokerState, BrokerStatus};
+use crate::shutdown::Shutdown;
 use crate::store::Store;
 
 /// What the admin endpoints read.
@@ -22,7 +21,10 @@ pub struct Admin {
     pub store: Store,
     pub metrics: Metrics,
     pub broker: BrokerStatus,
-    pub shutting_down: Arc<AtomicBool>,
+    pub shutdown: Shutdown,
+    /// Work the admin API starts and that outlives its request (a redrive): stopping waits
+    /// for it.
+    pub tasks: TaskTracker,
     /// Bearer token of `/admin/`; without one the admin API answers 404.
     pub token: Option<Secret>,
     /// Events per second a redrive republishes at most.
@@ -51,7 +53,7 @@ async fn healthz() -> HttpResponse {
 /// broker's state is reported but does not make us unready: events wait in the outbox.
 async fn readyz(admin: web::Data<Admin>) -> HttpResponse {
     let stats = admin.store.stats();
-    let stopping = admin.shutting_down.load(Ordering::Acquire);
+    let stopping = admin.shutdown.is_triggered();
     let has_room = stats.outbox_events < stats.outbox_capacity;
     let ready = stats.writable && has_room && !stopping;
     let broker = admin.broker.get();

@@ -10,8 +10,6 @@ mod envelope;
 mod error;
 mod request_id;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use actix_web::http::header::{CONTENT_ENCODING, CONTENT_LENGTH};
@@ -29,6 +27,7 @@ pub use request_id::{assign as assign_request_id, RequestId};
 
 use crate::config::{Secret, Settings};
 use crate::metrics::{event_label, Metrics};
+use crate::shutdown::Shutdown;
 use crate::signature;
 use crate::store::{unix_millis, OutboxRecord, Store, StoreError, Stored};
 
@@ -54,17 +53,12 @@ pub struct Ingress {
     pub metrics: Metrics,
     /// `kallina_relay_signature_matches_total{secret}`, one per secret, resolved once.
     signature_matches: Vec<prometheus::IntCounter>,
-    /// Set when shutdown begins: new requests get 503 while in-flight ones finish.
-    pub shutting_down: Arc<AtomicBool>,
+    /// Fired when shutdown begins: new requests get 503 while in-flight ones finish.
+    pub shutdown: Shutdown,
 }
 
 impl Ingress {
-    pub fn new(
-        settings: &Settings,
-        store: Store,
-        metrics: Metrics,
-        shutting_down: Arc<AtomicBool>,
-    ) -> Self {
+    pub fn new(settings: &Settings, store: Store, metrics: Metrics, shutdown: Shutdown) -> Self {
         Self {
             secrets: settings.secrets.clone(),
             max_body: settings.max_body,
@@ -82,7 +76,7 @@ impl Ingress {
                 .collect(),
             store,
             metrics,
-            shutting_down,
+            shutdown,
         }
     }
 }
@@ -207,7 +201,7 @@ async fn handle(
         .unwrap_or_default();
     ingress.metrics.event_age.observe(age.as_secs_f64());
 
-    if ingress.shutting_down.load(Ordering::Acquire) {
+    if ingress.shutdown.is_triggered() {
         let e = unavailable("the service is shutting down".into(), RETRY_AFTER_BRIEF);
         return (Some(event), Err(e));
     }

@@ -190,6 +190,9 @@ struct Inner {
     keep_archive: bool,
     jobs: mpsc::Sender<Job>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// Never sent on: dropped with the last handle, after the writer stopped, which is what
+    /// [`Store::released`] waits for.
+    release: watch::Sender<()>,
 }
 
 /// How to open the store.
@@ -233,6 +236,7 @@ impl Store {
                 keep_archive: options.keep_archive,
                 jobs,
                 writer: Mutex::new(Some(writer)),
+                release: watch::channel(()).0,
             }),
         })
     }
@@ -414,17 +418,16 @@ impl Store {
         }
     }
 
-    /// Waits (up to `limit`) until this is the last handle to the store, so that dropping it
-    /// closes the database and releases the data directory. False if others remain.
-    pub async fn wait_until_sole_handle(&self, limit: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + limit;
-        while Arc::strong_count(&self.inner) > 1 {
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+    /// Resolves once every handle to the store is gone, this one included (so drop it after
+    /// calling this): the writer has stopped and the data directory is free for another
+    /// process. HTTP workers drop their handles on their own threads, a moment after their
+    /// server stopped, so this is how stopping knows when the store is really closed.
+    pub fn released(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut alive = self.inner.release.subscribe();
+        async move {
+            // No value is ever sent: this returns when the sender is dropped with the store.
+            let _ = alive.changed().await;
         }
-        true
     }
 
     /// Answers what is queued, makes everything durable and stops the writer. Later `accept`
