@@ -12,6 +12,7 @@ use clap::Args;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::protocol::AMQPSoftError;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
 use serde_json::Value;
@@ -21,6 +22,7 @@ use tokio::time::timeout;
 
 use super::{client_settings, Failure, ServeArgs};
 use crate::config::redact_url;
+use crate::relay::refused_with;
 
 #[derive(Debug, Args)]
 #[command(after_help = "\
@@ -95,7 +97,7 @@ pub async fn run(args: TailArgs, global: &ServeArgs) -> Result<(), Failure> {
             )
             .await
             .map_err(|e| {
-                if e.to_string().contains("NOT_FOUND") {
+                if refused_with(&e) == Some(&AMQPSoftError::NOTFOUND) {
                     Failure::Work(format!(
                         "the exchange `{exchange}` does not exist on {shown}: the relay \
                          declares it when it first connects (is it running, with this exchange?)"

@@ -29,7 +29,7 @@ use time::OffsetDateTime;
 use tokio::time::{sleep, timeout};
 
 pub use status::{BrokerState, BrokerStatus};
-pub use topology::{Topology, TopologyError};
+pub use topology::{refused_with, Topology, TopologyError};
 
 use crate::config::{redact_url, Secret, Settings};
 use crate::metrics::{event_label, Metrics};

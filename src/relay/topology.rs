@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, ExchangeKind};
 use tokio::time::timeout;
@@ -133,6 +134,18 @@ impl Topology {
     }
 }
 
+/// The broker's reason when it refused an operation by closing the channel (404 not found,
+/// 406 precondition failed, …), read from the error's kind rather than its text.
+pub fn refused_with(error: &lapin::Error) -> Option<&AMQPSoftError> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Soft(soft) => Some(soft),
+            AMQPErrorKind::Hard(_) => None,
+        },
+        _ => None,
+    }
+}
+
 async fn run<T>(
     what: &str,
     limit: Duration,
@@ -145,8 +158,9 @@ async fn run<T>(
         }),
         Ok(Ok(value)) => Ok(value),
         Ok(Err(e)) => {
+            let clash = refused_with(&e) == Some(&AMQPSoftError::PRECONDITIONFAILED);
             let reason = e.to_string();
-            if reason.contains("PRECONDITION_FAILED") || reason.contains("PRECONDITION-FAILED") {
+            if clash {
                 Err(TopologyError::Clash {
                     what: what.into(),
                     reason,

@@ -314,6 +314,26 @@ async fn tail_prints_the_matching_event_and_exits_0_when_its_pipe_closes() {
     app.stop_and_clean_broker(&connection, &[]).await;
 }
 
+#[tokio::test]
+async fn tail_on_an_exchange_that_does_not_exist_says_so_and_exits_1() {
+    let exchange = format!("kallina.missing.{}", fastrand::u64(..));
+    let ran = run(
+        &["tail"],
+        &[
+            ("KALLINA_RELAY_AMQP_URL", BROKER_URL),
+            ("KALLINA_RELAY_EXCHANGE", &exchange),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(ran.code, 1, "{ran}");
+    assert!(
+        ran.stderr
+            .contains(&format!("the exchange `{exchange}` does not exist")),
+        "{ran}"
+    );
+}
+
 #[test]
 fn every_subcommand_explains_itself() {
     for args in [
