@@ -193,6 +193,8 @@ struct Inner {
     /// Never sent on: dropped with the last handle, after the writer stopped, which is what
     /// [`Store::released`] waits for.
     release: watch::Sender<()>,
+    /// Held while the store is open, across reopenings (see [`lock_data_dir`]).
+    _lock: std::fs::File,
 }
 
 /// How to open the store.
@@ -209,6 +211,7 @@ impl Store {
     /// Opens (or creates) the database; fails with [`StoreError::Locked`] if another process
     /// has it open.
     pub fn open(options: &StoreOptions) -> Result<Self, StoreError> {
+        let lock = lock_data_dir(&options.data_dir)?;
         let (shared, counts) = open_database(options)?;
         // Everything recovered at open is on disk already; new numbers are above it.
         let (durable, _) = watch::channel(shared.db.generate_id()?);
@@ -237,6 +240,7 @@ impl Store {
                 jobs,
                 writer: Mutex::new(Some(writer)),
                 release: watch::channel(()).0,
+                _lock: lock,
             }),
         })
     }
@@ -463,6 +467,28 @@ struct Counts {
     archive: u64,
 }
 
+/// The data directory's own lock file, locked for as long as the store is open: a second
+/// process is refused by the lock's kind (`WouldBlock`), not by reading sled's error text, and
+/// the lock stays held while the writer closes and reopens sled after a disk error.
+fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, StoreError> {
+    let unwritable =
+        |e: std::io::Error| StoreError::Unwritable(format!("{}: {e}", data_dir.display()));
+    std::fs::create_dir_all(data_dir).map_err(unwritable)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(data_dir.join(LOCK_FILE))
+        .map_err(unwritable)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked(data_dir.to_path_buf())),
+        Err(std::fs::TryLockError::Error(e)) => Err(unwritable(e)),
+    }
+}
+
+const LOCK_FILE: &str = "kallina-relay.lock";
+
 /// Opens sled on the data directory with its trees, and makes what it recovered durable.
 ///
 /// The cached pages of the store's files are dropped first, so that sled recovers from what
@@ -478,13 +504,7 @@ fn open_database(options: &StoreOptions) -> Result<(Shared, Counts), StoreError>
     let db = sled::Config::new()
         .path(&options.data_dir)
         .cache_capacity(options.cache_size)
-        .open()
-        .map_err(|e| match e {
-            sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
-                StoreError::Locked(options.data_dir.clone())
-            }
-            other => StoreError::Sled(other),
-        })?;
+        .open()?;
     let data_dir = disk::DataDir::open(&options.data_dir).map_err(unwritable)?;
     let dedup = db.open_tree("dedup")?;
     let dedup_by_time = db.open_tree("dedup_by_time")?;
