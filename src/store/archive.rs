@@ -38,13 +38,21 @@ pub(super) fn encode_archived(published_at_ms: u64, attempts: u32, outbox_bytes:
     out
 }
 
-pub(super) fn decode_archived(bytes: &[u8]) -> Result<(u64, u32, OutboxRecord), RecordError> {
+/// An archive entry: the outbox record as it was, and what publishing it took.
+pub(super) struct Archived {
+    pub published_at_ms: u64,
+    /// Publishes this process made before the broker confirmed it.
+    pub attempts: u32,
+    pub record: OutboxRecord,
+}
+
+pub(super) fn decode_archived(bytes: &[u8]) -> Result<Archived, RecordError> {
     match bytes.split_first() {
-        Some((&ARCHIVE_VERSION, rest)) if rest.len() >= ARCHIVE_HEADER - 1 => {
-            let published = u64::from_be_bytes(rest[..8].try_into().expect("8 bytes"));
-            let attempts = u32::from_be_bytes(rest[8..12].try_into().expect("4 bytes"));
-            Ok((published, attempts, OutboxRecord::decode(&rest[12..])?))
-        }
+        Some((&ARCHIVE_VERSION, rest)) if rest.len() >= ARCHIVE_HEADER - 1 => Ok(Archived {
+            published_at_ms: u64::from_be_bytes(rest[..8].try_into().expect("8 bytes")),
+            attempts: u32::from_be_bytes(rest[8..12].try_into().expect("4 bytes")),
+            record: OutboxRecord::decode(&rest[12..])?,
+        }),
         Some((&ARCHIVE_VERSION, _)) => Err(RecordError::Corrupt("short archive entry".into())),
         Some((&other, _)) => Err(RecordError::UnknownVersion(other)),
         None => Err(RecordError::Corrupt("empty archive entry".into())),
@@ -95,7 +103,11 @@ impl EventView {
 
     /// An archive entry: confirmed by the broker.
     fn published(seq: u64, archive_bytes: &[u8]) -> Result<Self, RecordError> {
-        let (published_at_ms, attempts, record) = decode_archived(archive_bytes)?;
+        let Archived {
+            published_at_ms,
+            attempts,
+            record,
+        } = decode_archived(archive_bytes)?;
         Ok(Self {
             seq,
             status: EventStatus::Published,
@@ -245,7 +257,7 @@ impl Store {
         let mut seqs = Vec::new();
         for item in self.shared()?.archive.iter() {
             let (key, bytes) = item?;
-            let (_, _, record) = decode_archived(&bytes)?;
+            let record = decode_archived(&bytes)?.record;
             if query.matches(&record) {
                 seqs.push(seq_of(&key)?);
             }
@@ -289,7 +301,7 @@ impl Store {
             let mut reached_live = false;
             for item in shared.archive.iter().take(SWEEP_BATCH) {
                 let (key, bytes) = item?;
-                let (_, _, record) = decode_archived(&bytes)?;
+                let record = decode_archived(&bytes)?.record;
                 if record.received_at_ms >= cutoff_ms {
                     reached_live = true;
                     break;

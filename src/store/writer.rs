@@ -303,6 +303,14 @@ fn reopen(slot: &Slot) -> Result<(), StoreError> {
 
 type Outcome = Result<(Stored, u64), StoreError>;
 
+/// A batch's event that is new: its place in the batch, the sequence number drawn for it, and
+/// its encoded outbox record.
+struct NewEvent {
+    index: usize,
+    seq: u64,
+    encoded: Vec<u8>,
+}
+
 /// Writes a batch in one transaction: for each new event its dedup key and outbox record, and
 /// for the batch one time-index entry listing its keys (the sweeper's work list). A key already
 /// stored, or seen earlier in the batch, is a duplicate; new keys beyond the outbox capacity
@@ -313,7 +321,7 @@ type Outcome = Result<(Stored, u64), StoreError>;
 /// measured a quarter cheaper per event than reading inside it).
 fn commit(slot: &Slot, shared: &Shared, batch: &[(OutboxRecord, Reply)]) -> Vec<Outcome> {
     let mut outcomes: Vec<Outcome> = Vec::with_capacity(batch.len());
-    let mut new: Vec<(usize, u64, Vec<u8>)> = Vec::new();
+    let mut new: Vec<NewEvent> = Vec::new();
     let mut seen_in_batch = HashSet::new();
     let room = slot
         .options
@@ -330,7 +338,11 @@ fn commit(slot: &Slot, shared: &Shared, batch: &[(OutboxRecord, Reply)]) -> Vec<
             Ok(None) => match shared.db.generate_id() {
                 Err(e) => Err(StoreError::Unwritable(e.to_string())),
                 Ok(seq) => {
-                    new.push((i, seq, record.encode()));
+                    new.push(NewEvent {
+                        index: i,
+                        seq,
+                        encoded: record.encode(),
+                    });
                     Ok((Stored::New, seq))
                 }
             },
@@ -342,15 +354,15 @@ fn commit(slot: &Slot, shared: &Shared, batch: &[(OutboxRecord, Reply)]) -> Vec<
     }
     let newest_ms = new
         .iter()
-        .map(|(i, _, _)| batch[*i].0.received_at_ms)
+        .map(|n| batch[n.index].0.received_at_ms)
         .max()
         .unwrap_or(0);
     let index_key = TimeIndexKey {
         newest_received_at_ms: newest_ms,
-        first_seq: new[0].1,
+        first_seq: new[0].seq,
     }
     .encode();
-    let index_value = encode_keys(new.iter().map(|(i, _, _)| batch[*i].0.key.as_str()));
+    let index_value = encode_keys(new.iter().map(|n| batch[n.index].0.key.as_str()));
     let added = new.len() as i64;
     let trees = (
         &shared.dedup,
@@ -359,14 +371,14 @@ fn commit(slot: &Slot, shared: &Shared, batch: &[(OutboxRecord, Reply)]) -> Vec<
         &shared.meta,
     );
     let result = trees.transaction(|(dedup, by_time, outbox, meta)| {
-        for (i, seq, encoded) in &new {
-            let record = &batch[*i].0;
+        for event in &new {
+            let record = &batch[event.index].0;
             let entry = DedupEntry {
                 received_at_ms: record.received_at_ms,
-                seq: *seq,
+                seq: event.seq,
             };
             dedup.insert(record.key.as_bytes(), &entry.encode()[..])?;
-            outbox.insert(&seq.to_be_bytes()[..], encoded.as_slice())?;
+            outbox.insert(&event.seq.to_be_bytes()[..], event.encoded.as_slice())?;
         }
         by_time.insert(&index_key[..], index_value.as_slice())?;
         add_count(meta, OUTBOX_COUNT, added)?;
@@ -386,8 +398,8 @@ fn commit(slot: &Slot, shared: &Shared, batch: &[(OutboxRecord, Reply)]) -> Vec<
                 TransactionError::Abort(()) => "transaction aborted".to_string(),
                 TransactionError::Storage(e) => e.to_string(),
             };
-            for (i, _, _) in &new {
-                outcomes[*i] = Err(StoreError::Unwritable(reason.clone()));
+            for event in &new {
+                outcomes[event.index] = Err(StoreError::Unwritable(reason.clone()));
             }
             outcomes
         }
@@ -430,8 +442,9 @@ fn put_back(slot: &Slot, shared: &Shared, seqs: &[u64]) -> Result<Vec<Redelivery
                     });
                     continue;
                 };
-                let (_, attempts, mut record) = decode_archived(&bytes)
+                let archived = decode_archived(&bytes)
                     .map_err(|e| ConflictableTransactionError::Abort(StoreError::Record(e)))?;
+                let (attempts, mut record) = (archived.attempts, archived.record);
                 record.redelivered = true;
                 record.attempts_before = attempts;
                 outbox.insert(&new.to_be_bytes()[..], record.encode())?;
