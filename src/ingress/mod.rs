@@ -136,16 +136,22 @@ async fn receive(
             seconds: ingress.body_timeout.as_secs(),
         }),
     };
-    let (event, result) = match body {
+    let Handled { event, result } = match body {
         Ok(body) => handle(&req, &body, received_at, &ingress).await,
-        Err(e) => (None, Err(e)),
+        Err(e) => Handled::refused(None, e),
     };
     let response = match &result {
-        Ok((Stored::New, key)) => HttpResponse::Accepted().json(Answer {
+        Ok(Taken {
+            stored: Stored::New,
+            key,
+        }) => HttpResponse::Accepted().json(Answer {
             status: "accepted",
             id: key,
         }),
-        Ok((Stored::Duplicate, key)) => HttpResponse::Ok().json(Answer {
+        Ok(Taken {
+            stored: Stored::Duplicate,
+            key,
+        }) => HttpResponse::Ok().json(Answer {
             status: "duplicate",
             id: key,
         }),
@@ -160,8 +166,14 @@ async fn receive(
         }
     };
     let outcome = match &result {
-        Ok((Stored::New, _)) => "accepted",
-        Ok((Stored::Duplicate, _)) => "duplicate",
+        Ok(Taken {
+            stored: Stored::New,
+            ..
+        }) => "accepted",
+        Ok(Taken {
+            stored: Stored::Duplicate,
+            ..
+        }) => "duplicate",
         Err(e) => e.code(),
     };
     let metrics = &ingress.metrics;
@@ -184,16 +196,38 @@ async fn receive(
     response
 }
 
-/// Everything after the body is read: returns the event type (once known) and the outcome.
+/// What became of one request: the event type once the envelope was read (the metrics'
+/// label), and the outcome.
+struct Handled {
+    event: Option<String>,
+    result: Result<Taken, IngressError>,
+}
+
+/// An event the store took, how, under which dedup key.
+struct Taken {
+    stored: Stored,
+    key: String,
+}
+
+impl Handled {
+    fn refused(event: Option<String>, error: IngressError) -> Self {
+        Self {
+            event,
+            result: Err(error),
+        }
+    }
+}
+
+/// Everything after the body is read.
 async fn handle(
     req: &HttpRequest,
     body: &[u8],
     received_at: SystemTime,
     ingress: &Ingress,
-) -> (Option<String>, Result<(Stored, String), IngressError>) {
+) -> Handled {
     let verified = match verify(req, body, received_at, ingress) {
         Ok(v) => v,
-        Err((event, e)) => return (event, Err(e)),
+        Err((event, e)) => return Handled::refused(event, e),
     };
     let event = verified.envelope.event.to_string();
     let age = received_at
@@ -203,16 +237,24 @@ async fn handle(
 
     if ingress.shutdown.is_triggered() {
         let e = unavailable("the service is shutting down".into(), RETRY_AFTER_BRIEF);
-        return (Some(event), Err(e));
+        return Handled::refused(Some(event), e);
     }
     // A platform retry of something already on disk: answered before any copy is made.
     match ingress.store.is_durable_duplicate(&verified.key) {
-        Ok(true) => return (Some(event), Ok((Stored::Duplicate, verified.key))),
+        Ok(true) => {
+            return Handled {
+                event: Some(event),
+                result: Ok(Taken {
+                    stored: Stored::Duplicate,
+                    key: verified.key,
+                }),
+            }
+        }
         Ok(false) => {}
         Err(e) => {
             tracing::error!(error = %e, "store lookup failed");
             let e = unavailable("the event store cannot be read".into(), RETRY_AFTER_BRIEF);
-            return (Some(event), Err(e));
+            return Handled::refused(Some(event), e);
         }
     }
     let record = OutboxRecord {
@@ -235,7 +277,7 @@ async fn handle(
         .store_commit_duration
         .observe(commit_started.elapsed().as_secs_f64());
     let result = match stored {
-        Ok(stored) => Ok((stored, key)),
+        Ok(stored) => Ok(Taken { stored, key }),
         Err(StoreError::Full { capacity }) => Err(unavailable(
             format!("the outbox is full ({capacity} events wait for the broker)"),
             RETRY_AFTER_FULL,
@@ -248,7 +290,10 @@ async fn handle(
             ))
         }
     };
-    (Some(event), result)
+    Handled {
+        event: Some(event),
+        result,
+    }
 }
 
 /// The checks of the contract, in its order, on a body already read within the size limit.
