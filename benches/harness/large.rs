@@ -70,12 +70,7 @@ fn padding(rest: &[u8], message_len: usize) -> [u8; 64] {
 
 impl LargeBody {
     pub(crate) fn new(marker: &str) -> Result<Self> {
-        let ts = time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap();
-        let mut prefix = format!(
-            r#"{{"event":"call.ended","timestamp":"{ts}","data":{{"call_id":"call_{marker}","agent_id":"agent_456","duration":180,"outcome":"appointment_booked","actions":[{{"type":"calendar_booking","status":"completed","data":{{"date":"2025-01-25","time":"14:00"}}}}],"notes":""#
-        );
+        let mut prefix = envelope_prefix(marker);
         prefix.push_str(&filler(LARGE_BODY - TAIL - prefix.len()));
         let body = Self::keyed(prefix.into_bytes(), filler(TAIL - TAIL_TAG));
         body.check()?;

@@ -3,14 +3,20 @@
 
 use super::*;
 
-/// A ~600-byte call.ended body with a fresh timestamp.
-pub(crate) fn body(marker: &str) -> Vec<u8> {
+/// A call.ended envelope with a fresh timestamp, open inside its `notes` string: callers pad
+/// the notes to the size they need and close it.
+pub(crate) fn envelope_prefix(marker: &str) -> String {
     let ts = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap();
-    let mut body = format!(
+    format!(
         r#"{{"event":"call.ended","timestamp":"{ts}","data":{{"call_id":"call_{marker}","agent_id":"agent_456","duration":180,"outcome":"appointment_booked","actions":[{{"type":"calendar_booking","status":"completed","data":{{"date":"2025-01-25","time":"14:00"}}}}],"notes":""#
-    );
+    )
+}
+
+/// A ~600-byte call.ended body with a fresh timestamp.
+pub(crate) fn body(marker: &str) -> Vec<u8> {
+    let mut body = envelope_prefix(marker);
     while body.len() < 596 {
         body.push('x');
     }
