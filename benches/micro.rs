@@ -39,10 +39,9 @@ fn store_commit_batch(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&StoreOptions {
-        data_dir: dir.path().join("data"),
         cache_size: 32 << 20,
         outbox_max: u64::MAX,
-        keep_archive: true,
+        ..StoreOptions::at(dir.path().join("data"))
     })
     .unwrap();
     let body = body();

@@ -3,7 +3,7 @@
 //! The modules follow the path of one event:
 //!
 //! ```text
-//! config ─┐
+//! config ─▶ settings (each stage's options) ─┐
 //!         ▼
 //! POST /webhooks/kallina ─▶ ingress ─▶ signature ─▶ store (dedup + outbox, fsync) ─▶ 2xx
 //!                                                     │
@@ -18,6 +18,7 @@ pub mod config;
 pub mod ingress;
 pub mod metrics;
 pub mod relay;
+pub mod settings;
 pub mod shutdown;
 pub mod signature;
 pub mod startup;

@@ -12,7 +12,6 @@
 //! task reads that same signal; nothing polls for it.
 
 use std::net::TcpListener;
-use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::dev::Server;
@@ -23,10 +22,10 @@ use tokio::task::JoinSet;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Admin};
-use crate::config::{Settings, TlsFiles};
 use crate::ingress::{self, assign_request_id, Ingress};
 use crate::metrics::Metrics;
-use crate::relay::{BrokerStatus, Relay, RelayOptions};
+use crate::relay::{BrokerStatus, Relay};
+use crate::settings::Settings;
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 use crate::store::{Store, StoreOptions};
 
@@ -51,20 +50,15 @@ pub struct Application {
 impl Application {
     /// Opens the store and binds both listeners (port 0 picks a free port: tests use that).
     pub fn build(settings: Settings) -> anyhow::Result<Self> {
-        let store = Store::open(&StoreOptions {
-            data_dir: settings.data_dir.clone(),
-            cache_size: settings.cache_size,
-            outbox_max: settings.outbox_max,
-            keep_archive: !settings.archive_retention.is_zero(),
-        })?;
+        let store = Store::open(&settings.store)?;
         let metrics = Metrics::new();
         let broker = BrokerStatus::default();
         let (trigger, shutdown) = shutdown::channel();
         let admin_tasks = TaskTracker::new();
 
-        let (listener, public_port) = bind(settings.listen, "KALLINA_RELAY_LISTEN")?;
+        let (listener, public_port) = bind(settings.ingress.listen, "KALLINA_RELAY_LISTEN")?;
         let ingress = web::Data::new(Ingress::new(
-            &settings,
+            &settings.ingress,
             store.clone(),
             metrics.clone(),
             shutdown.clone(),
@@ -81,18 +75,20 @@ impl Application {
         .on_connect(ingress::remember_connection)
         // actix counts per worker; idle connections that send no request are dropped after
         // its 5 s request-head timeout, so they free their slot for real clients.
-        .max_connections(settings.max_connections.div_ceil(workers))
+        .max_connections(settings.ingress.max_connections.div_ceil(workers))
         .disable_signals()
         .shutdown_timeout(settings.shutdown_grace.as_secs().max(1));
-        let public = match &settings.tls {
-            Some(files) => public.listen_rustls_0_23(listener, tls_config(files)?)?,
+        let public = match &settings.ingress.tls {
+            Some(files) => {
+                public.listen_rustls_0_23(listener, ingress::tls_server_config(files)?)?
+            }
             None => public.listen(listener)?,
         }
         .run();
 
         let (admin_listener, admin_port) =
-            bind(settings.admin_listen, "KALLINA_RELAY_ADMIN_LISTEN")?;
-        if settings.admin_token.is_none() {
+            bind(settings.admin.listen, "KALLINA_RELAY_ADMIN_LISTEN")?;
+        if settings.admin.token.is_none() {
             tracing::info!(
                 "admin API off: set KALLINA_RELAY_ADMIN_TOKEN to turn on /admin/ (events, redrive)"
             );
@@ -103,8 +99,7 @@ impl Application {
             broker: broker.clone(),
             shutdown: shutdown.clone(),
             tasks: admin_tasks.clone(),
-            token: settings.admin_token.clone(),
-            redrive_rate: settings.redrive_rate,
+            options: settings.admin.clone(),
         });
         let admin = HttpServer::new(move || {
             App::new()
@@ -118,12 +113,7 @@ impl Application {
         .listen(admin_listener)?
         .run();
 
-        let relay = Relay::new(
-            store.clone(),
-            RelayOptions::from_settings(&settings),
-            metrics,
-            broker,
-        );
+        let relay = Relay::new(store.clone(), settings.relay.clone(), metrics, broker);
         Ok(Self {
             public_port,
             admin_port,
@@ -170,7 +160,11 @@ impl Application {
         let admin_task = tokio::spawn(admin);
         let mut tasks = JoinSet::new();
         tasks.spawn(relay.run(shutdown.clone()));
-        tasks.spawn(sweep(store.clone(), settings.clone(), shutdown.clone()));
+        tasks.spawn(sweep(
+            store.clone(),
+            settings.store.clone(),
+            shutdown.clone(),
+        ));
         tasks.spawn(recover_store(store.clone(), shutdown.clone()));
         tracing::info!(settings = %settings.summary(), "kallina-relay serving");
 
@@ -223,41 +217,6 @@ impl Application {
     }
 }
 
-/// The public listener's TLS: the certificate chain and key read once, at start, so that a
-/// missing or unreadable file stops the start instead of failing every handshake. ring is the
-/// crypto provider (no C toolchain needed to build); TLS 1.2 and 1.3 with rustls's defaults.
-fn tls_config(files: &TlsFiles) -> anyhow::Result<rustls::ServerConfig> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-
-    let certs = CertificateDer::pem_file_iter(&files.cert)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .with_context(|| {
-            format!(
-                "cannot read the TLS certificate chain {} (KALLINA_RELAY_TLS_CERT)",
-                files.cert.display()
-            )
-        })?;
-    anyhow::ensure!(
-        !certs.is_empty(),
-        "no certificate in {} (KALLINA_RELAY_TLS_CERT)",
-        files.cert.display()
-    );
-    let key = PrivateKeyDer::from_pem_file(&files.key).with_context(|| {
-        format!(
-            "cannot read the TLS private key {} (KALLINA_RELAY_TLS_KEY)",
-            files.key.display()
-        )
-    })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("the TLS key does not match the certificate (KALLINA_RELAY_TLS_CERT/KEY)")
-}
-
 /// Binds a listener; the error names the setting to change. Returns the port actually bound.
 fn bind(address: std::net::SocketAddr, setting: &str) -> anyhow::Result<(TcpListener, u16)> {
     let listener = TcpListener::bind(address)
@@ -279,7 +238,7 @@ async fn recover_store(store: Store, mut shutdown: Shutdown) {
 }
 
 /// Expires dedup keys and archived events older than their retention, every `sweep_interval`.
-async fn sweep(store: Store, settings: Settings, mut shutdown: Shutdown) {
+async fn sweep(store: Store, settings: StoreOptions, mut shutdown: Shutdown) {
     let mut tick = tokio::time::interval(settings.sweep_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -5,7 +5,30 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
+use crate::config::{Setting, Spec};
+
+/// Log output: human-readable lines or one JSON object per line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+pub const LOG_FORMAT: Setting<Option<LogFormat>> = Setting::new(
+    Spec::new(
+        "log_format",
+        "KALLINA_RELAY_LOG_FORMAT",
+        "log format, `pretty` or `json`; the level comes from `RUST_LOG`",
+    )
+    .flag()
+    .note("`pretty` on a terminal, else `json`"),
+    |f| match f.optional() {
+        None => Ok(None),
+        Some("pretty") => Ok(Some(LogFormat::Pretty)),
+        Some("json") => Ok(Some(LogFormat::Json)),
+        Some(_) => Err(f.invalid("`pretty` or `json`")),
+    },
+);
 
 /// Installs the global subscriber, writing to standard error. Safe to call more than once
 /// (later calls are ignored), which tests rely on.

@@ -4,10 +4,9 @@ use super::*;
 
 pub(crate) fn store_options(dir: &Path) -> StoreOptions {
     StoreOptions {
-        data_dir: dir.to_path_buf(),
         cache_size: 32 << 20,
         outbox_max: u64::MAX,
-        keep_archive: true,
+        ..StoreOptions::at(dir)
     }
 }
 

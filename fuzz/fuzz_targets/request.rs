@@ -44,7 +44,8 @@ use actix_web::http::{Method, Uri};
 use actix_web::middleware::from_fn;
 use actix_web::rt::{System, SystemRunner};
 use actix_web::{test, web, App};
-use kallina_relay::config::{Layers, Secret, Settings};
+use kallina_relay::config::{Layers, Secret};
+use kallina_relay::settings::Settings;
 use kallina_relay::ingress::{self, assign_request_id, parse_envelope, Ingress, WEBHOOK_PATH};
 use kallina_relay::metrics::Metrics;
 use kallina_relay::shutdown;
@@ -111,16 +112,14 @@ impl Harness {
             ..Layers::default()
         })
         .expect("the harness's settings are valid");
-        assert_eq!(settings.max_body, MAX_BODY);
-        assert_eq!(settings.tolerance.as_secs() as i64, TOLERANCE_SECS);
-        assert_eq!(settings.future_skew.as_secs() as i64, FUTURE_SKEW_SECS);
+        assert_eq!(settings.ingress.max_body, MAX_BODY);
+        assert_eq!(settings.ingress.tolerance.as_secs() as i64, TOLERANCE_SECS);
+        assert_eq!(settings.ingress.future_skew.as_secs() as i64, FUTURE_SKEW_SECS);
 
         let runner = System::new();
         let store = Store::open(&StoreOptions {
-            data_dir: settings.data_dir.clone(),
-            cache_size: settings.cache_size,
-            outbox_max: settings.outbox_max,
-            keep_archive: false,
+            archive_retention: std::time::Duration::ZERO,
+            ..settings.store.clone()
         })
         .expect("the store opens in a fresh directory");
         let metrics = Metrics::new();
@@ -130,7 +129,7 @@ impl Harness {
                 trigger.trigger();
             }
             let state = web::Data::new(Ingress::new(
-                &settings,
+                &settings.ingress,
                 store.clone(),
                 metrics.clone(),
                 signal,
@@ -149,7 +148,7 @@ impl Harness {
             runner,
             app,
             stopping_app,
-            secrets: settings.secrets.clone(),
+            secrets: settings.ingress.secrets.clone(),
             stored: RefCell::new(HashSet::new()),
             report: std::env::var_os("KALLINA_FUZZ_REPORT").is_some(),
         }

@@ -6,7 +6,8 @@
 use std::collections::BTreeMap;
 
 use arbitrary::Arbitrary;
-use kallina_relay::config::{Layers, Settings};
+use kallina_relay::config::Layers;
+use kallina_relay::settings::Settings;
 use libfuzzer_sys::fuzz_target;
 
 /// The environment variables of the settings that go through the duration, size and number
@@ -46,8 +47,9 @@ fuzz_target!(|input: Input<'_>| {
     };
     match Settings::load(&layers) {
         Ok(settings) => {
-            assert!(settings.dedup_retention >= settings.tolerance + settings.future_skew);
-            assert!((1..=64 << 20).contains(&settings.max_body));
+            let (ingress, store) = (&settings.ingress, &settings.store);
+            assert!(store.dedup_retention >= ingress.tolerance + ingress.future_skew);
+            assert!((1..=64 << 20).contains(&ingress.max_body));
             let _ = settings.summary();
         }
         Err(e) => assert!(!e.to_string().is_empty()),

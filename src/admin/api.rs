@@ -191,7 +191,7 @@ async fn require_token(
     let admin = req
         .app_data::<web::Data<Admin>>()
         .expect("the admin state is registered");
-    let refusal = match &admin.token {
+    let refusal = match &admin.options.token {
         None => Some(AdminError::NotFound),
         Some(token) => {
             let offered = req
@@ -357,7 +357,11 @@ async fn redrive(req: HttpRequest, admin: web::Data<Admin>, body: web::Bytes) ->
     if request.dry_run {
         return Ok(HttpResponse::Ok().json(json!({ "matched": matched, "dry_run": true })));
     }
-    tracing::info!(matched, rate = admin.redrive_rate, "redrive started");
+    tracing::info!(
+        matched,
+        rate = admin.options.redrive_rate,
+        "redrive started"
+    );
     admin.metrics.redrive_pending.add(matched as i64);
     actix_web::rt::spawn(admin.tasks.track_future(run_redrive(admin.clone(), seqs)));
     Ok(HttpResponse::Accepted().json(json!({ "matched": matched, "dry_run": false })))
@@ -367,7 +371,7 @@ async fn redrive(req: HttpRequest, admin: web::Data<Admin>, body: web::Bytes) ->
 /// while the outbox is full, and stops (saying how many were left) when the service stops.
 async fn run_redrive(admin: web::Data<Admin>, seqs: Vec<u64>) {
     let mut shutdown = admin.shutdown.clone();
-    let rate = admin.redrive_rate.max(1) as usize;
+    let rate = admin.options.redrive_rate.max(1) as usize;
     let chunk_size = REDRIVE_CHUNK.min(rate);
     let pause = Duration::from_secs_f64(chunk_size as f64 / rate as f64);
     let mut left = seqs.len();

@@ -5,12 +5,14 @@
 //! state, and so that a flood on the public port cannot starve the operator's view.
 
 mod api;
+pub mod options;
 
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Secret;
+pub use options::AdminOptions;
+
 use crate::metrics::Metrics;
 use crate::relay::{BrokerState, BrokerStatus};
 use crate::shutdown::Shutdown;
@@ -25,10 +27,8 @@ pub struct Admin {
     /// Work the admin API starts and that outlives its request (a redrive): stopping waits
     /// for it.
     pub tasks: TaskTracker,
-    /// Bearer token of `/admin/`; without one the admin API answers 404.
-    pub token: Option<Secret>,
-    /// Events per second a redrive republishes at most.
-    pub redrive_rate: u32,
+    /// Its address, its token (without one the admin API answers 404), the redrive rate.
+    pub options: AdminOptions,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {

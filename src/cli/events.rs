@@ -200,7 +200,7 @@ impl AdminClient {
         };
         let base = match (&args.admin_url, &settings) {
             (Some(url), _) => url.clone(),
-            (None, Some(settings)) => format!("http://{}", connectable(settings.admin_listen)),
+            (None, Some(settings)) => format!("http://{}", connectable(settings.admin.listen)),
             (None, None) => unreachable!("settings are loaded when --admin-url is absent"),
         };
         let base = match Url::parse(&base) {
@@ -214,7 +214,7 @@ impl AdminClient {
         };
         let token = match (token, &settings) {
             (Some(token), _) => token.to_string(),
-            (None, Some(settings)) => match &settings.admin_token {
+            (None, Some(settings)) => match &settings.admin.token {
                 Some(token) => token.expose().to_string(),
                 None => {
                     return Err(Failure::Usage(

@@ -35,7 +35,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::config::{ConfigError, Layers, Settings};
+use crate::config::{ConfigError, Layers};
+use crate::settings::{self, Settings};
 use crate::signature;
 
 pub use events::{EventsArgs, EventsCommand};
@@ -69,92 +70,75 @@ pub enum Command {
     Events(EventsArgs),
 }
 
-/// Settings flags; each overrides the same setting from the file and the environment.
-#[derive(Debug, Args, Default, Clone)]
+/// The `serve` flags: `--config`, and one flag for each setting declared with one (see
+/// [`crate::settings::all`]); each overrides the same setting from the file and the environment.
+/// Built from the declarations rather than derived, so that a setting is named in one place.
+#[derive(Debug, Default, Clone)]
 pub struct ServeArgs {
     /// TOML configuration file (also KALLINA_RELAY_CONFIG).
-    #[arg(long, global = true)]
     pub config: Option<PathBuf>,
-    /// Public listener address, e.g. 0.0.0.0:8080.
-    #[arg(long)]
-    pub listen: Option<String>,
-    /// Admin listener address (metrics, health), e.g. 127.0.0.1:9090.
-    #[arg(long)]
-    pub admin_listen: Option<String>,
-    /// Data directory of the store.
-    #[arg(long)]
-    pub data_dir: Option<String>,
-    /// Largest accepted body: bytes, or 256KiB, 1MiB.
-    #[arg(long)]
-    pub max_body: Option<String>,
-    /// How old a signed timestamp may be, e.g. 24h.
-    #[arg(long)]
-    pub tolerance: Option<String>,
-    /// How far in the future a signed timestamp may be, e.g. 5m.
-    #[arg(long)]
-    pub future_skew: Option<String>,
-    /// How long dedup keys are kept, e.g. 72h.
-    #[arg(long)]
-    pub dedup_retention: Option<String>,
-    /// Most events waiting for the broker before new ones get 503.
-    #[arg(long)]
-    pub outbox_max: Option<String>,
-    /// Header whose value is the dedup key when present.
-    #[arg(long)]
-    pub id_header: Option<String>,
-    /// `pretty` or `json`.
-    #[arg(long)]
-    pub log_format: Option<String>,
-    /// Topic exchange events are published to.
-    #[arg(long)]
-    pub exchange: Option<String>,
-    /// Alternate exchange (and queue) for events no queue is bound for.
-    #[arg(long)]
-    pub unrouted_exchange: Option<String>,
-    /// Value of the `x-source` header on published messages.
-    #[arg(long)]
-    pub source: Option<String>,
-    /// Most publishes awaiting a confirm at once.
-    #[arg(long)]
-    pub publish_window: Option<String>,
-    /// Limit for each broker confirm (and every other broker await), e.g. 30s.
-    #[arg(long)]
-    pub confirm_timeout: Option<String>,
-    /// How long shutdown waits for in-flight requests and confirms, e.g. 10s.
-    #[arg(long)]
-    pub shutdown_grace: Option<String>,
+    /// The flag layer of the configuration, by setting key.
+    pub flags: BTreeMap<&'static str, String>,
+}
+
+const CONFIG_FLAG: &str = "config";
+
+impl Args for ServeArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        let config = clap::Arg::new(CONFIG_FLAG)
+            .long(CONFIG_FLAG)
+            .global(true)
+            .value_name("PATH")
+            .value_parser(clap::value_parser!(PathBuf))
+            .help("TOML configuration file (also KALLINA_RELAY_CONFIG)");
+        settings::all()
+            .filter(|spec| spec.flag)
+            .fold(cmd.arg(config), |cmd, spec| {
+                let mut help = spec.help.to_string();
+                if let Some(default) = spec.default {
+                    help.push_str(&format!(" [default: {default}]"));
+                }
+                cmd.arg(
+                    clap::Arg::new(spec.key)
+                        .long(spec.flag_name())
+                        .value_name("VALUE")
+                        .help(help),
+                )
+            })
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+impl clap::FromArgMatches for ServeArgs {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut args = Self::default();
+        args.update_from_arg_matches(matches)?;
+        Ok(args)
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        if let Some(path) = matches.get_one::<PathBuf>(CONFIG_FLAG) {
+            self.config = Some(path.clone());
+        }
+        for spec in settings::all().filter(|spec| spec.flag) {
+            if let Some(value) = matches.get_one::<String>(spec.key) {
+                self.flags.insert(spec.key, value.clone());
+            }
+        }
+        Ok(())
+    }
 }
 
 impl ServeArgs {
-    /// The flag layer of the configuration, by setting name.
-    pub fn flags(&self) -> BTreeMap<&'static str, String> {
-        let pairs = [
-            ("listen", &self.listen),
-            ("admin_listen", &self.admin_listen),
-            ("data_dir", &self.data_dir),
-            ("max_body", &self.max_body),
-            ("tolerance", &self.tolerance),
-            ("future_skew", &self.future_skew),
-            ("dedup_retention", &self.dedup_retention),
-            ("outbox_max", &self.outbox_max),
-            ("id_header", &self.id_header),
-            ("log_format", &self.log_format),
-            ("exchange", &self.exchange),
-            ("unrouted_exchange", &self.unrouted_exchange),
-            ("source", &self.source),
-            ("publish_window", &self.publish_window),
-            ("confirm_timeout", &self.confirm_timeout),
-            ("shutdown_grace", &self.shutdown_grace),
-        ];
-        pairs
-            .into_iter()
-            .filter_map(|(k, v)| v.clone().map(|v| (k, v)))
-            .collect()
-    }
-
     /// All layers merged and validated.
-    pub fn settings(&self) -> Result<Settings, crate::config::ConfigError> {
-        Settings::load(&Layers::from_process(self.config.as_deref(), self.flags())?)
+    pub fn settings(&self) -> Result<Settings, ConfigError> {
+        Settings::load(&Layers::from_process(
+            self.config.as_deref(),
+            self.flags.clone(),
+        )?)
     }
 }
 
@@ -266,8 +250,8 @@ pub fn run_client(command: Command, global: &ServeArgs) -> ExitCode {
 /// secret.
 pub(crate) fn client_settings(global: &ServeArgs, need_secret: bool) -> Result<Settings, Failure> {
     let config_error = |e: ConfigError| Failure::Usage(e.to_string());
-    let mut layers =
-        Layers::from_process(global.config.as_deref(), global.flags()).map_err(config_error)?;
+    let mut layers = Layers::from_process(global.config.as_deref(), global.flags.clone())
+        .map_err(config_error)?;
     match Settings::load(&layers) {
         Err(ConfigError::MissingSecret) if !need_secret => {
             layers.env.insert(

@@ -222,12 +222,15 @@ fn target(args: &ReplayArgs, global: &ServeArgs) -> Result<(String, String), Fai
     let url = match (&args.url, &settings) {
         (Some(url), _) => url.clone(),
         (None, Some(settings)) => {
-            let scheme = if settings.tls.is_some() {
+            let scheme = if settings.ingress.tls.is_some() {
                 "https"
             } else {
                 "http"
             };
-            format!("{scheme}://{}{WEBHOOK_PATH}", connectable(settings.listen))
+            format!(
+                "{scheme}://{}{WEBHOOK_PATH}",
+                connectable(settings.ingress.listen)
+            )
         }
         (None, None) => unreachable!("settings are loaded when --url is absent"),
     };
@@ -238,7 +241,7 @@ fn target(args: &ReplayArgs, global: &ServeArgs) -> Result<(String, String), Fai
     }
     let secret = match (secret, &settings) {
         (Some(secret), _) => secret.to_string(),
-        (None, Some(settings)) => settings.secrets[0].expose().to_string(),
+        (None, Some(settings)) => settings.ingress.secrets[0].expose().to_string(),
         (None, None) => unreachable!("settings are loaded when --secret is absent"),
     };
     Ok((url, secret))

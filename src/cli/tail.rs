@@ -51,12 +51,15 @@ pub struct TailArgs {
 
 pub async fn run(args: TailArgs, global: &ServeArgs) -> Result<(), Failure> {
     let settings = client_settings(global, false)?;
-    let exchange = args.exchange.clone().unwrap_or(settings.exchange.clone());
-    let url = settings.amqp_url.expose();
+    let exchange = args
+        .exchange
+        .clone()
+        .unwrap_or(settings.relay.topology.exchange.clone());
+    let url = settings.relay.amqp_url.expose();
     let shown = redact_url(url);
     // Whatever the broker library puts in its messages, the password must not reach stderr.
     let failed = |what: String, e: lapin::Error| Failure::Work(scrub(&format!("{what}: {e}"), url));
-    let limit = settings.confirm_timeout;
+    let limit = settings.relay.confirm_timeout;
 
     let connection = timeout(
         limit,

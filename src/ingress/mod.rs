@@ -8,7 +8,9 @@
 mod connection;
 mod envelope;
 mod error;
+pub mod options;
 mod request_id;
+mod tls;
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -23,9 +25,11 @@ use time::OffsetDateTime;
 pub use connection::remember as remember_connection;
 pub use envelope::{parse as parse_envelope, Envelope, PayloadError};
 pub use error::{error_body, IngressError};
+pub use options::{IngressOptions, TlsFiles};
 pub use request_id::{assign as assign_request_id, RequestId};
+pub use tls::server_config as tls_server_config;
 
-use crate::config::{Secret, Settings};
+use crate::config::Secret;
 use crate::metrics::{event_label, Metrics};
 use crate::shutdown::Shutdown;
 use crate::signature;
@@ -58,16 +62,21 @@ pub struct Ingress {
 }
 
 impl Ingress {
-    pub fn new(settings: &Settings, store: Store, metrics: Metrics, shutdown: Shutdown) -> Self {
+    pub fn new(
+        options: &IngressOptions,
+        store: Store,
+        metrics: Metrics,
+        shutdown: Shutdown,
+    ) -> Self {
         Self {
-            secrets: settings.secrets.clone(),
-            max_body: settings.max_body,
-            body_timeout: settings.body_timeout,
-            tolerance: settings.tolerance,
-            future_skew: settings.future_skew,
-            id_header: settings.id_header.clone(),
-            source: settings.source.clone(),
-            signature_matches: (0..settings.secrets.len())
+            secrets: options.secrets.clone(),
+            max_body: options.max_body,
+            body_timeout: options.body_timeout,
+            tolerance: options.tolerance,
+            future_skew: options.future_skew,
+            id_header: options.id_header.clone(),
+            source: options.source.clone(),
+            signature_matches: (0..options.secrets.len())
                 .map(|i| {
                     metrics
                         .signature_matches

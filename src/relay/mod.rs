@@ -11,6 +11,7 @@
 //! A nacked or returned message is not a session failure: it is counted, set aside for a pause,
 //! and published again; the outbox keeps it meanwhile.
 
+pub mod options;
 mod status;
 mod topology;
 
@@ -28,10 +29,11 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::time::{sleep, timeout};
 
+pub use options::RelayOptions;
 pub use status::{BrokerState, BrokerStatus};
 pub use topology::{refused_with, Topology, TopologyError};
 
-use crate::config::{redact_url, Secret, Settings};
+use crate::config::redact_url;
 use crate::metrics::{event_label, Metrics};
 use crate::shutdown::Shutdown;
 use crate::store::{unix_millis, OutboxRecord, Store};
@@ -45,33 +47,6 @@ const DELETE_BATCH: usize = 256;
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
 const APP_ID: &str = "kallina-relay";
-
-/// Relay settings, taken from [`Settings`].
-#[derive(Debug, Clone)]
-pub struct RelayOptions {
-    pub amqp_url: Secret,
-    pub topology: Topology,
-    pub window: usize,
-    /// Limit for every network await: connect, declare, publish, confirm.
-    pub confirm_timeout: Duration,
-    pub shutdown_grace: Duration,
-}
-
-impl RelayOptions {
-    pub fn from_settings(settings: &Settings) -> Self {
-        Self {
-            amqp_url: settings.amqp_url.clone(),
-            topology: Topology {
-                exchange: settings.exchange.clone(),
-                unrouted_exchange: settings.unrouted_exchange.clone(),
-                queues: settings.queues.clone(),
-            },
-            window: settings.publish_window,
-            confirm_timeout: settings.confirm_timeout,
-            shutdown_grace: settings.shutdown_grace,
-        }
-    }
-}
 
 /// Why a session ended early; the relay reconnects after each of these.
 #[derive(Debug, thiserror::Error)]

@@ -12,7 +12,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, ExchangeKind};
 use tokio::time::timeout;
 
-use crate::config::{QueueSpec, QueueType};
+use super::options::{QueueSpec, QueueType};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {

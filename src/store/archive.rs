@@ -343,10 +343,9 @@ mod tests {
 
     fn open(dir: &Path, outbox_max: u64) -> Store {
         Store::open(&StoreOptions {
-            data_dir: dir.to_path_buf(),
             cache_size: 8 << 20,
             outbox_max,
-            keep_archive: true,
+            ..StoreOptions::at(dir)
         })
         .unwrap()
     }

@@ -21,6 +21,7 @@
 
 mod archive;
 mod disk;
+pub mod options;
 mod record;
 mod writer;
 
@@ -35,6 +36,7 @@ use sled::Transactional;
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use archive::{EventPage, EventQuery, EventStatus, EventView, Redelivery};
+pub use options::StoreOptions;
 pub use record::{OutboxRecord, RecordError};
 
 use writer::{Job, Shared, Slot};
@@ -197,16 +199,6 @@ struct Inner {
     _lock: std::fs::File,
 }
 
-/// How to open the store.
-#[derive(Debug, Clone)]
-pub struct StoreOptions {
-    pub data_dir: PathBuf,
-    pub cache_size: u64,
-    pub outbox_max: u64,
-    /// Keep published events in the archive (else they are deleted once confirmed).
-    pub keep_archive: bool,
-}
-
 impl Store {
     /// Opens (or creates) the database; fails with [`StoreError::Locked`] if another process
     /// has it open.
@@ -236,7 +228,7 @@ impl Store {
         Ok(Self {
             inner: Arc::new(Inner {
                 slot,
-                keep_archive: options.keep_archive,
+                keep_archive: options.keeps_archive(),
                 jobs,
                 writer: Mutex::new(Some(writer)),
                 release: watch::channel(()).0,
@@ -541,10 +533,9 @@ mod tests {
 
     fn options(dir: &Path, outbox_max: u64) -> StoreOptions {
         StoreOptions {
-            data_dir: dir.to_path_buf(),
             cache_size: 8 << 20,
             outbox_max,
-            keep_archive: true,
+            ..StoreOptions::at(dir)
         }
     }
 

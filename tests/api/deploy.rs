@@ -6,7 +6,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use kallina_relay::config::{Layers, Settings};
+use kallina_relay::config::Layers;
+use kallina_relay::settings::Settings;
 
 use crate::helpers::{event_body, spawn_app, Config};
 
@@ -120,17 +121,20 @@ fn the_settings_and_placeholder_secrets_in_deploy_are_accepted() {
         Some("kallina-relay.example.toml"),
         env_file(&read("systemd/kallina-relay.env.example")),
     );
-    assert!(systemd.admin_token.is_some(), "the admin API is on");
+    assert!(systemd.admin.token.is_some(), "the admin API is on");
 
     let compose_env: BTreeMap<_, _> = env_file(&read(".env.example"))
         .into_iter()
         .filter(|(key, _)| key.starts_with("KALLINA_"))
         .collect();
     let compose = load(Some("kallina-relay.example.toml"), compose_env);
-    assert!(compose.admin_token.is_some(), "the admin API is on");
+    assert!(compose.admin.token.is_some(), "the admin API is on");
 
     let mut secret = BTreeMap::new();
     secret.insert("KALLINA_WEBHOOK_SECRET".to_string(), "s".to_string());
     let kubernetes = load(Some("kubernetes/kallina-relay.toml"), secret);
-    assert_eq!(kubernetes.outbox_max, 1_000_000, "alerts.yaml assumes it");
+    assert_eq!(
+        kubernetes.store.outbox_max, 1_000_000,
+        "alerts.yaml assumes it"
+    );
 }

@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kallina_relay::config::{Layers, Settings};
+use kallina_relay::config::Layers;
+use kallina_relay::settings::Settings;
 use kallina_relay::shutdown::ShutdownTrigger;
 use kallina_relay::signature::sign;
 use kallina_relay::startup::Application;

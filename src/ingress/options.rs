@@ -1,0 +1,230 @@
+//! The public listener's settings: who may post (secrets), how much and how fast, which
+//! timestamps count, and TLS. Each is declared once, here; see [`crate::config`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::config::{ConfigError, Secret, Setting, Spec, Values};
+
+pub const WEBHOOK_SECRET: Setting<Vec<Secret>> = Setting::new(
+    Spec::new(
+        "webhook_secret",
+        "KALLINA_WEBHOOK_SECRET",
+        "webhook secrets, newest first (several: comma-separated, during a rotation)",
+    )
+    .secret()
+    .list()
+    .note("required, here or in `webhook_secret_file`"),
+    |f| {
+        Ok(f.optional()
+            .into_iter()
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(Secret::new)
+            .collect())
+    },
+);
+pub const WEBHOOK_SECRET_FILE: Setting<Option<PathBuf>> = Setting::new(
+    Spec::new(
+        "webhook_secret_file",
+        "KALLINA_WEBHOOK_SECRET_FILE",
+        "file of webhook secrets, one per line, newest first",
+    ),
+    |f| f.optional().map(|_| f.path()).transpose(),
+);
+pub const LISTEN: Setting<SocketAddr> = Setting::new(
+    Spec::new("listen", "KALLINA_RELAY_LISTEN", "public listener address")
+        .default("0.0.0.0:8080")
+        .flag(),
+    |f| f.socket_addr(),
+);
+pub const MAX_BODY: Setting<usize> = Setting::new(
+    Spec::new(
+        "max_body",
+        "KALLINA_RELAY_MAX_BODY",
+        "largest accepted body",
+    )
+    .default("1MiB")
+    .flag(),
+    |f| f.bytes(1, 64 << 20).map(|n| n as usize),
+);
+pub const BODY_TIMEOUT: Setting<Duration> = Setting::new(
+    Spec::new(
+        "body_timeout",
+        "KALLINA_RELAY_BODY_TIMEOUT",
+        "time a client may take to send its whole body",
+    )
+    .default("10s"),
+    |f| f.positive_duration(),
+);
+pub const MAX_CONNECTIONS: Setting<usize> = Setting::new(
+    Spec::new(
+        "max_connections",
+        "KALLINA_RELAY_MAX_CONNECTIONS",
+        "open public connections at most; more wait in the listen backlog",
+    )
+    .default("10000"),
+    |f| f.integer(2, 1_000_000).map(|n| n as usize),
+);
+pub const TOLERANCE: Setting<Duration> = Setting::new(
+    Spec::new(
+        "tolerance",
+        "KALLINA_RELAY_TOLERANCE",
+        "how old a signed `timestamp` may be",
+    )
+    .default("24h")
+    .flag(),
+    |f| f.duration(),
+);
+pub const FUTURE_SKEW: Setting<Duration> = Setting::new(
+    Spec::new(
+        "future_skew",
+        "KALLINA_RELAY_FUTURE_SKEW",
+        "how far in the future a signed `timestamp` may be",
+    )
+    .default("5m")
+    .flag(),
+    |f| f.duration(),
+);
+pub const ID_HEADER: Setting<Option<String>> = Setting::new(
+    Spec::new(
+        "id_header",
+        "KALLINA_RELAY_ID_HEADER",
+        "header whose value is the dedup key when present",
+    )
+    .flag()
+    .note("unset: key = SHA-256 of the body"),
+    |f| match f.optional() {
+        None => Ok(None),
+        Some(v) if actix_web::http::header::HeaderName::try_from(v).is_ok() => {
+            Ok(Some(v.to_ascii_lowercase()))
+        }
+        Some(_) => Err(f.invalid("an HTTP header name such as X-Kallina-Delivery")),
+    },
+);
+pub const SOURCE: Setting<String> = Setting::new(
+    Spec::new(
+        "source",
+        "KALLINA_RELAY_SOURCE",
+        "source name, sent as the `x-source` header",
+    )
+    .default("kallina-relay")
+    .flag(),
+    |f| f.short_string(),
+);
+pub const TLS_CERT: Setting<Option<PathBuf>> = Setting::new(
+    Spec::new(
+        "tls_cert",
+        "KALLINA_RELAY_TLS_CERT",
+        "PEM certificate chain for TLS on the public listener",
+    )
+    .note("unset: plain HTTP (for a terminating proxy); both `tls_cert` and `tls_key` or neither"),
+    |f| f.optional().map(|_| f.path()).transpose(),
+);
+pub const TLS_KEY: Setting<Option<PathBuf>> = Setting::new(
+    Spec::new(
+        "tls_key",
+        "KALLINA_RELAY_TLS_KEY",
+        "PEM private key for TLS on the public listener",
+    )
+    .note("unset: plain HTTP; both or neither"),
+    |f| f.optional().map(|_| f.path()).transpose(),
+);
+
+/// Every setting of this stage, in the order the README lists them.
+pub const SETTINGS: &[&Spec] = &[
+    &WEBHOOK_SECRET.spec,
+    &WEBHOOK_SECRET_FILE.spec,
+    &LISTEN.spec,
+    &MAX_BODY.spec,
+    &BODY_TIMEOUT.spec,
+    &MAX_CONNECTIONS.spec,
+    &TOLERANCE.spec,
+    &FUTURE_SKEW.spec,
+    &ID_HEADER.spec,
+    &SOURCE.spec,
+    &TLS_CERT.spec,
+    &TLS_KEY.spec,
+];
+
+/// How the public listener runs.
+#[derive(Debug, Clone)]
+pub struct IngressOptions {
+    /// Webhook secrets, tried in order; several at once during a rotation.
+    pub secrets: Vec<Secret>,
+    pub listen: SocketAddr,
+    pub max_body: usize,
+    /// How long a client may take to send its whole body.
+    pub body_timeout: Duration,
+    /// Open connections on the public listener at most (new ones wait in the backlog).
+    pub max_connections: usize,
+    pub tolerance: Duration,
+    pub future_skew: Duration,
+    pub id_header: Option<String>,
+    /// Value of the `x-source` header on published messages.
+    pub source: String,
+    /// Certificate chain and private key (PEM) to serve the public listener over TLS.
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files for the public listener's TLS; read at start so that a bad file stops the start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl IngressOptions {
+    pub fn from_values(values: &Values) -> Result<Self, ConfigError> {
+        Ok(Self {
+            secrets: secrets(values)?,
+            listen: values.get(&LISTEN)?,
+            max_body: values.get(&MAX_BODY)?,
+            body_timeout: values.get(&BODY_TIMEOUT)?,
+            max_connections: values.get(&MAX_CONNECTIONS)?,
+            tolerance: values.get(&TOLERANCE)?,
+            future_skew: values.get(&FUTURE_SKEW)?,
+            id_header: values.get(&ID_HEADER)?,
+            source: values.get(&SOURCE)?,
+            tls: tls(values)?,
+        })
+    }
+}
+
+/// Both TLS files or neither.
+fn tls(values: &Values) -> Result<Option<TlsFiles>, ConfigError> {
+    match (values.get(&TLS_CERT)?, values.get(&TLS_KEY)?) {
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => Ok(Some(TlsFiles { cert, key })),
+        (Some(_), None) => Err(values
+            .field(&TLS_KEY.spec)
+            .invalid("a PEM private key file, since tls_cert is set")),
+        (None, Some(_)) => Err(values
+            .field(&TLS_CERT.spec)
+            .invalid("a PEM certificate file, since tls_key is set")),
+    }
+}
+
+/// The inline list first, then the file's lines; at least one.
+fn secrets(values: &Values) -> Result<Vec<Secret>, ConfigError> {
+    let mut secrets = values.get(&WEBHOOK_SECRET)?;
+    if let Some(path) = values.get(&WEBHOOK_SECRET_FILE)? {
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            values
+                .field(&WEBHOOK_SECRET_FILE.spec)
+                .invalid(format!("a readable file with one secret per line ({e})"))
+        })?;
+        secrets.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(Secret::new),
+        );
+    }
+    if secrets.is_empty() {
+        return Err(ConfigError::MissingSecret);
+    }
+    Ok(secrets)
+}
