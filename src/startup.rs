@@ -4,8 +4,9 @@
 //! 1. new webhook requests get 503 (`shutting_down`), the public listener stops accepting and
 //!    in-flight requests finish;
 //! 2. the relay stops publishing and waits (up to the grace period) for outstanding confirms;
-//!    the sweeper, the store's recovery and any redrive stop (a task that panicked is logged);
-//! 3. the store flushes and closes; the admin listener stops last.
+//!    any redrive stops (a task that panicked is logged);
+//! 3. the store stops its own maintenance thread, flushes and closes; the admin listener stops
+//!    last.
 //!
 //! One signal reaches them all: the [`Shutdown`] watch, fired by the trigger (SIGTERM/SIGINT in
 //! the binary, a call in tests) or by the public listener failing. Every request handler and
@@ -27,7 +28,7 @@ use crate::metrics::Metrics;
 use crate::relay::{BrokerStatus, Relay};
 use crate::settings::Settings;
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
-use crate::store::{Store, StoreOptions};
+use crate::store::Store;
 
 /// Body limit of the admin listener: only small JSON requests (a redrive's filter).
 const ADMIN_MAX_BODY: usize = 64 * 1024;
@@ -160,12 +161,6 @@ impl Application {
         let admin_task = tokio::spawn(admin);
         let mut tasks = JoinSet::new();
         tasks.spawn(relay.run(shutdown.clone()));
-        tasks.spawn(sweep(
-            store.clone(),
-            settings.store.clone(),
-            shutdown.clone(),
-        ));
-        tasks.spawn(recover_store(store.clone(), shutdown.clone()));
         tracing::info!(settings = %settings.summary(), "kallina-relay serving");
 
         let early_exit = tokio::select! {
@@ -223,44 +218,4 @@ fn bind(address: std::net::SocketAddr, setting: &str) -> anyhow::Result<(TcpList
         .with_context(|| format!("cannot listen on {address} ({setting})"))?;
     let port = listener.local_addr()?.port();
     Ok((listener, port))
-}
-
-/// After a disk error the store stays unwritable until it reopens its database: asking every
-/// second brings readiness back soon after space returns, with or without traffic.
-async fn recover_store(store: Store, mut shutdown: Shutdown) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            _ = tick.tick() => store.recover(),
-            _ = shutdown.recv() => return,
-        }
-    }
-}
-
-/// Expires dedup keys and archived events older than their retention, every `sweep_interval`.
-async fn sweep(store: Store, settings: StoreOptions, mut shutdown: Shutdown) {
-    let mut tick = tokio::time::interval(settings.sweep_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.recv() => return,
-        }
-        let dedup_store = store.clone();
-        let retention = settings.dedup_retention;
-        match tokio::task::spawn_blocking(move || dedup_store.sweep_expired(retention)).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(removed)) => tracing::info!(removed, "expired dedup keys swept"),
-            Ok(Err(e)) => tracing::error!(error = %e, "dedup sweep failed"),
-            Err(e) => tracing::error!(error = %e, "dedup sweep task failed"),
-        }
-        let store = store.clone();
-        let retention = settings.archive_retention;
-        match tokio::task::spawn_blocking(move || store.sweep_archive(retention)).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(removed)) => tracing::info!(removed, "expired archived events swept"),
-            Ok(Err(e)) => tracing::error!(error = %e, "archive sweep failed"),
-            Err(e) => tracing::error!(error = %e, "archive sweep task failed"),
-        }
-    }
 }

@@ -36,7 +36,7 @@ pub use topology::{refused_with, Topology, TopologyError};
 use crate::config::redact_url;
 use crate::metrics::{event_label, Metrics};
 use crate::shutdown::Shutdown;
-use crate::store::{unix_millis, OutboxRecord, Store};
+use crate::store::{unix_millis, Confirmed, OutboxEntry, OutboxRecord, Store, StoreError};
 
 /// How long a nacked or returned message waits before it is published again.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
@@ -60,7 +60,9 @@ enum SessionError {
     #[error(transparent)]
     Topology(#[from] TopologyError),
     #[error("outbox: {0}")]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] StoreError),
+    #[error("outbox task failed: {0}")]
+    StoreTask(#[from] tokio::task::JoinError),
 }
 
 impl SessionError {
@@ -70,7 +72,7 @@ impl SessionError {
             Self::Connection(_) => Some("connection"),
             Self::Channel(_) => Some("channel"),
             Self::Timeout(_) => Some("timeout"),
-            Self::Topology(_) | Self::Store(_) => None,
+            Self::Topology(_) | Self::Store(_) | Self::StoreTask(_) => None,
         }
     }
 }
@@ -89,9 +91,14 @@ pub struct Relay {
 /// A publish waiting for its confirm: resolves to the record and what the broker said.
 type PendingConfirm = Pin<Box<dyn Future<Output = ConfirmOutcome> + Send>>;
 
+/// A record the broker nacked or returned, published again once `due`.
+struct Retry {
+    due: Instant,
+    entry: OutboxEntry,
+}
+
 struct ConfirmOutcome {
-    seq: u64,
-    record: OutboxRecord,
+    entry: OutboxEntry,
     published_at: Instant,
     result: Result<Confirmation, SessionError>,
 }
@@ -196,28 +203,26 @@ impl Relay {
         let mut events = connection.events_listener();
         let mut durable = self.store.durability();
         let mut pending: FuturesOrdered<PendingConfirm> = FuturesOrdered::new();
-        let mut confirmed: Vec<(u64, u32)> = Vec::new();
-        let mut retry: VecDeque<(Instant, u64, OutboxRecord)> = VecDeque::new();
+        let mut confirmed: Vec<Confirmed> = Vec::new();
+        let mut retry: VecDeque<Retry> = VecDeque::new();
         let mut cursor: Option<u64> = None;
-        let mut read_ahead: VecDeque<(u64, OutboxRecord)> = VecDeque::new();
+        let mut read_ahead: VecDeque<OutboxEntry> = VecDeque::new();
 
         let result = loop {
             // Fill the window: due retries first, then the outbox in order, read ahead in
             // chunks so that a full window does not cost one outbox scan per publish.
             while pending.len() < self.options.window {
                 let next = match retry.front() {
-                    Some((due, _, _)) if *due <= Instant::now() => {
-                        retry.pop_front().map(|(_, s, r)| (s, r))
-                    }
+                    Some(r) if r.due <= Instant::now() => retry.pop_front().map(|r| r.entry),
                     _ => None,
                 };
                 let next = match next {
                     Some(item) => item,
                     None => {
                         if read_ahead.is_empty() {
-                            read_ahead.extend(self.store.outbox_after(cursor, READ_AHEAD)?);
-                            if let Some((last, _)) = read_ahead.back() {
-                                cursor = Some(*last);
+                            read_ahead.extend(self.read_outbox(cursor).await?);
+                            if let Some(last) = read_ahead.back() {
+                                cursor = Some(last.seq);
                             }
                         }
                         match read_ahead.pop_front() {
@@ -226,18 +231,17 @@ impl Relay {
                         }
                     }
                 };
-                pending.push_back(self.publish(&channel, next.0, next.1).await?);
+                pending.push_back(self.publish(&channel, next).await?);
             }
             if confirmed.len() >= DELETE_BATCH || (pending.is_empty() && !confirmed.is_empty()) {
-                self.store.archive_published(&confirmed)?;
-                confirmed.clear();
+                self.archive(&mut confirmed).await?;
             }
-            let retry_due = retry.front().map(|(due, _, _)| *due);
+            let retry_due = retry.front().map(|r| r.due);
             tokio::select! {
                 Some(outcome) = pending.next(), if !pending.is_empty() => {
                     match self.settle(outcome, &mut confirmed) {
                         Ok(None) => {}
-                        Ok(Some((seq, record))) => retry.push_back((Instant::now() + RETRY_PAUSE, seq, record)),
+                        Ok(Some(entry)) => retry.push_back(Retry { due: Instant::now() + RETRY_PAUSE, entry }),
                         Err(e) => break Err(e),
                     }
                 }
@@ -259,7 +263,7 @@ impl Relay {
             }
         };
         // Whatever the broker confirmed leaves the outbox, even when the session failed.
-        let removed = self.store.archive_published(&confirmed);
+        let removed = self.archive(&mut confirmed).await;
         let limit = self.options.confirm_timeout.min(Duration::from_secs(5));
         let _ = timeout(limit, channel.close(200, "kallina-relay stopping".into())).await;
         let _ = timeout(
@@ -275,14 +279,14 @@ impl Relay {
     async fn publish(
         &self,
         channel: &Channel,
-        seq: u64,
-        record: OutboxRecord,
+        entry: OutboxEntry,
     ) -> Result<PendingConfirm, SessionError> {
         let limit = self.options.confirm_timeout;
         let published_at = Instant::now();
+        let record = &entry.record;
         *self
             .attempts_of()
-            .entry(seq)
+            .entry(entry.seq)
             .or_insert(record.attempts_before) += 1;
         let confirm = timeout(
             limit,
@@ -294,7 +298,7 @@ impl Relay {
                     ..Default::default()
                 },
                 &record.body,
-                properties(&record),
+                properties(record),
             ),
         )
         .await
@@ -308,8 +312,7 @@ impl Relay {
                 Ok(Ok(confirmation)) => Ok(confirmation),
             };
             ConfirmOutcome {
-                seq,
-                record,
+                entry,
                 published_at,
                 result,
             }
@@ -321,14 +324,14 @@ impl Relay {
     fn settle(
         &self,
         outcome: ConfirmOutcome,
-        confirmed: &mut Vec<(u64, u32)>,
-    ) -> Result<Option<(u64, OutboxRecord)>, SessionError> {
+        confirmed: &mut Vec<Confirmed>,
+    ) -> Result<Option<OutboxEntry>, SessionError> {
         let ConfirmOutcome {
-            seq,
-            record,
+            entry,
             published_at,
             result,
         } = outcome;
+        let record = &entry.record;
         let failure = match result? {
             Confirmation::Ack(None) => None,
             Confirmation::Ack(Some(_returned)) => Some("returned"),
@@ -345,7 +348,7 @@ impl Relay {
                 .with_label_values(&[reason])
                 .inc();
             tracing::warn!(id = %record.key, event = %record.event, reason, "broker did not take the event; will retry");
-            return Ok(Some((seq, record)));
+            return Ok(Some(entry));
         }
         let m = &self.metrics;
         m.publish_confirm_duration
@@ -355,9 +358,32 @@ impl Relay {
             .inc();
         let lag_ms = unix_millis(SystemTime::now()).saturating_sub(record.received_at_ms);
         m.delivery_lag.observe(lag_ms as f64 / 1000.0);
-        let attempts = self.attempts_of().remove(&seq).unwrap_or(1);
-        confirmed.push((seq, attempts));
+        let attempts = self.attempts_of().remove(&entry.seq).unwrap_or(1);
+        confirmed.push(Confirmed {
+            seq: entry.seq,
+            attempts,
+        });
         Ok(None)
+    }
+
+    /// The next durable outbox records after `cursor`, read on the blocking pool: sled may
+    /// read from disk, which must not stall the runtime's workers.
+    async fn read_outbox(&self, cursor: Option<u64>) -> Result<Vec<OutboxEntry>, SessionError> {
+        let store = self.store.clone();
+        Ok(tokio::task::spawn_blocking(move || store.outbox_after(cursor, READ_AHEAD)).await??)
+    }
+
+    /// Moves what the broker confirmed to the archive, on the blocking pool.
+    async fn archive(&self, confirmed: &mut Vec<Confirmed>) -> Result<(), SessionError> {
+        if confirmed.is_empty() {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        // Kept until the move succeeded: the end of the session tries again.
+        let batch = confirmed.clone();
+        tokio::task::spawn_blocking(move || store.archive_published(&batch)).await??;
+        confirmed.clear();
+        Ok(())
     }
 
     fn attempts_of(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u32>> {
@@ -368,7 +394,7 @@ impl Relay {
     async fn drain(
         &self,
         pending: &mut FuturesOrdered<PendingConfirm>,
-        confirmed: &mut Vec<(u64, u32)>,
+        confirmed: &mut Vec<Confirmed>,
     ) {
         let outstanding = pending.len();
         let deadline = tokio::time::Instant::now() + self.options.shutdown_grace;

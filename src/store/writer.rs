@@ -5,8 +5,8 @@
 //! transaction** (dedup check, dedup key, time index, outbox record for each event), calls
 //! sled's `flush()` once, then syncs what sled wrote (sled's `flush` on Linux is
 //! `sync_file_range`, and sled never syncs its blob files or any directory: see
-//! [`disk`](super::disk) for what a sync covers), and only then answers the whole batch. While it syncs, the next
-//! batch gathers: the busier the service, the more requests share one sync.
+//! [`disk`](super::disk) for what a sync covers), and only then answers the whole batch.
+//! While it syncs, the next batch gathers: the busier the service, the more requests share one sync.
 //!
 //! **A failed write or sync retires the database.** After a failed sync the kernel may have
 //! dropped what it could not write while still returning it to reads, so nothing more is
@@ -23,26 +23,48 @@
 //! `flush_async` from seven or more tasks at once hangs on sled 0.34.7 (sled issue #1308).
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
-use super::archive::{decode_archived, Redelivery};
-use super::disk::DataDir;
-use super::{
-    add_count, encode_keys, open_database, DedupEntry, OutboxRecord, StoreError, StoreOptions,
-    Stored, TimeIndexKey, ARCHIVE_COUNT, DEDUP_COUNT, OUTBOX_COUNT,
+use super::codec::{
+    add_count, decode_archived, encode_keys, seq_key, DedupEntry, TimeIndexKey, ARCHIVE_COUNT,
+    DEDUP_COUNT, OUTBOX_COUNT,
 };
+use super::database::{open_database, Database, Slot};
+use super::error::StoreError;
+use super::record::OutboxRecord;
 
 /// Most requests written in one transaction and covered by one fsync.
-pub(super) const MAX_BATCH: usize = 1024;
+const MAX_BATCH: usize = 1024;
+
+/// How a new event was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// First time this key was seen: the event is durably in the outbox.
+    New,
+    /// The key was seen before (within retention); nothing was written.
+    Duplicate,
+}
+
+/// What putting one archived event back did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redelivery {
+    /// Back in the outbox under this sequence number, durable.
+    Queued(u64),
+    /// Still in the outbox: it will be published anyway.
+    Pending,
+    /// Neither in the outbox nor in the archive (swept, or never stored).
+    Missing,
+}
 
 /// A message to the writer thread.
-pub(super) enum Job {
+enum Job {
     Accept {
         record: OutboxRecord,
         reply: oneshot::Sender<Result<Stored, StoreError>>,
@@ -58,58 +80,76 @@ pub(super) enum Job {
     Stop,
 }
 
-/// The open database: sled, its trees, and the data directory it syncs.
-/// Replaced as a whole when the writer reopens the database after a disk error.
-pub(super) struct Shared {
-    pub db: sled::Db,
-    pub data_dir: DataDir,
-    pub dedup: sled::Tree,
-    pub dedup_by_time: sled::Tree,
-    pub outbox: sled::Tree,
-    pub archive: sled::Tree,
-    pub meta: sled::Tree,
+/// The writer thread, reached only through this handle. Stopping it (or dropping the handle)
+/// answers what is queued, makes it durable and joins the thread.
+pub struct Writer {
+    jobs: mpsc::Sender<Job>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-/// What lives as long as the store, across reopenings: the current database (none while it
-/// is being reopened), the durability mark the relay waits on, readiness, and the counts.
-pub(super) struct Slot {
-    pub current: RwLock<Option<Arc<Shared>>>,
-    /// A database taken out of service by a failed write or sync, kept until the reopen
-    /// can wait for its last reader to let go of it.
-    pub retired: Mutex<Option<Arc<Shared>>>,
-    /// Every outbox sequence number at or below this is on disk; the relay reads up to it.
-    pub durable: watch::Sender<u64>,
-    /// False from a failed write or sync until a reopen succeeds.
-    pub writable: AtomicBool,
-    pub outbox_len: AtomicU64,
-    pub dedup_len: AtomicU64,
-    pub archive_len: AtomicU64,
-    pub options: StoreOptions,
+/// Asks the writer to reopen an unwritable database; held by the maintenance thread.
+#[derive(Clone)]
+pub struct RecoverRequest(mpsc::Sender<Job>);
+
+impl RecoverRequest {
+    /// Cheap and never blocks: a full queue means the writer is busy and will try anyway.
+    pub fn send(&self) {
+        let _ = self.0.try_send(Job::Recover);
+    }
 }
 
-impl Slot {
-    pub fn get(&self) -> Result<Arc<Shared>, StoreError> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or_else(|| {
-                StoreError::Unwritable("the database is being reopened after a disk error".into())
-            })
+impl Writer {
+    pub fn start(slot: Arc<Slot>) -> Result<Self, StoreError> {
+        let (jobs, queue) = mpsc::channel(4 * MAX_BATCH);
+        let thread = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || run(slot, queue))
+            .map_err(|e| StoreError::Unwritable(format!("cannot start the writer: {e}")))?;
+        Ok(Self {
+            jobs,
+            thread: Mutex::new(Some(thread)),
+        })
     }
 
-    /// Takes the database out of service after a failed write or sync: from now on every
-    /// request is refused until [`reopen`] brings back one that the disk vouches for.
-    fn retire(&self) {
-        self.writable.store(false, Ordering::Release);
-        let failed = self
-            .current
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(failed) = failed {
-            *self.retired.lock().unwrap_or_else(|p| p.into_inner()) = Some(failed);
+    /// Stores `record` under its dedup key, once, and returns when that is durable.
+    pub async fn accept(&self, record: OutboxRecord) -> Result<Stored, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Job::Accept { record, reply }).await?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Puts archived events back into the outbox, durably; one outcome per sequence number.
+    pub async fn redeliver(&self, seqs: Vec<u64>) -> Result<Vec<Redelivery>, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Job::Redeliver { seqs, reply }).await?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    pub fn recover_request(&self) -> RecoverRequest {
+        RecoverRequest(self.jobs.clone())
+    }
+
+    async fn send(&self, job: Job) -> Result<(), StoreError> {
+        self.jobs.send(job).await.map_err(|_| StoreError::Closed)
+    }
+
+    /// Answers what is queued, makes everything durable and joins the thread; later calls
+    /// get [`StoreError::Closed`].
+    pub fn stop(&self) {
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = thread {
+            // A full queue drains within a batch or two: keep offering the stop until it fits.
+            while let Err(mpsc::error::TrySendError::Full(_)) = self.jobs.try_send(Job::Stop) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let _ = thread.join();
         }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -122,7 +162,7 @@ const REOPEN_PAUSE: Duration = Duration::from_secs(1);
 const REOPEN_WAIT: Duration = Duration::from_secs(5);
 
 /// The writer's loop; returns after a `Stop` or when every sender is gone.
-pub(super) fn run(slot: Arc<Slot>, mut jobs: mpsc::Receiver<Job>) {
+fn run(slot: Arc<Slot>, mut jobs: mpsc::Receiver<Job>) {
     let mut batch: Vec<(OutboxRecord, Reply)> = Vec::with_capacity(MAX_BATCH);
     let mut redeliveries: Vec<(Vec<u64>, RedeliverReply)> = Vec::new();
     let mut last_reopen: Option<Instant> = None;
@@ -149,7 +189,7 @@ pub(super) fn run(slot: Arc<Slot>, mut jobs: mpsc::Receiver<Job>) {
         // unwritable store is reopened (at most once per pause) before it writes again.
         let has_work = recover || !batch.is_empty() || !redeliveries.is_empty();
         if has_work
-            && !slot.writable.load(Ordering::Acquire)
+            && !slot.is_writable()
             && last_reopen.is_none_or(|t| t.elapsed() >= REOPEN_PAUSE)
         {
             last_reopen = Some(Instant::now());
@@ -158,8 +198,8 @@ pub(super) fn run(slot: Arc<Slot>, mut jobs: mpsc::Receiver<Job>) {
                 Err(e) => tracing::warn!(error = %e, "store still unwritable; will try again"),
             }
         }
-        match slot.get() {
-            Ok(shared) => write_batch(&slot, &shared, &mut batch, &mut redeliveries),
+        match slot.database() {
+            Ok(database) => write_batch(&slot, &database, &mut batch, &mut redeliveries),
             Err(e) => {
                 for (_, reply) in batch.drain(..) {
                     let _ = reply.send(Err(StoreError::Unwritable(e.to_string())));
@@ -182,8 +222,8 @@ pub(super) fn run(slot: Arc<Slot>, mut jobs: mpsc::Receiver<Job>) {
                     Job::Recover | Job::Stop => {}
                 }
             }
-            if let Ok(shared) = slot.get() {
-                let _ = flush(&slot, &shared);
+            if let Ok(database) = slot.database() {
+                let _ = flush(&slot, &database);
             }
             return;
         }
@@ -193,15 +233,15 @@ pub(super) fn run(slot: Arc<Slot>, mut jobs: mpsc::Receiver<Job>) {
 /// Commits, syncs and answers one batch.
 fn write_batch(
     slot: &Slot,
-    shared: &Shared,
+    database: &Database,
     batch: &mut Vec<(OutboxRecord, Reply)>,
     redeliveries: &mut Vec<(Vec<u64>, RedeliverReply)>,
 ) {
-    let outcomes = commit(slot, shared, batch);
+    let outcomes = commit(slot, database, batch);
     // After the new events, so their sequence numbers stay in commit order.
     let redelivered: Vec<_> = redeliveries
         .iter()
-        .map(|(seqs, _)| put_back(slot, shared, seqs))
+        .map(|(seqs, _)| put_back(slot, database, seqs))
         .collect();
     let newest_redelivered = redelivered
         .iter()
@@ -231,7 +271,7 @@ fn write_batch(
         slot.retire();
         Some("a write to the store failed".to_string())
     } else if newest.is_some() {
-        flush(slot, shared).err()
+        flush(slot, database).err()
     } else {
         None
     };
@@ -284,8 +324,8 @@ fn reopen(slot: &Slot) -> Result<(), StoreError> {
         drop(old);
     }
     // Synced inside: what it recovered is on disk before it counts as durable.
-    let (shared, counts) = open_database(&slot.options)?;
-    let recovered = shared.db.generate_id()?;
+    let (database, counts) = open_database(&slot.options)?;
+    let recovered = database.db.generate_id()?;
     slot.durable.send_if_modified(|durable| {
         let raise = recovered > *durable;
         if raise {
@@ -293,11 +333,7 @@ fn reopen(slot: &Slot) -> Result<(), StoreError> {
         }
         raise
     });
-    slot.outbox_len.store(counts.outbox, Ordering::Relaxed);
-    slot.dedup_len.store(counts.dedup, Ordering::Relaxed);
-    slot.archive_len.store(counts.archive, Ordering::Relaxed);
-    *slot.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(shared));
-    slot.writable.store(true, Ordering::Release);
+    slot.install(database, counts);
     Ok(())
 }
 
@@ -319,23 +355,20 @@ struct NewEvent {
 /// The "seen before?" reads happen before the transaction, outside it: this thread is the only
 /// writer, so nothing can add a key in between, and the transaction stays a pure write (which
 /// measured a quarter cheaper per event than reading inside it).
-fn commit(slot: &Slot, shared: &Shared, batch: &[(OutboxRecord, Reply)]) -> Vec<Outcome> {
+fn commit(slot: &Slot, database: &Database, batch: &[(OutboxRecord, Reply)]) -> Vec<Outcome> {
     let mut outcomes: Vec<Outcome> = Vec::with_capacity(batch.len());
     let mut new: Vec<NewEvent> = Vec::new();
     let mut seen_in_batch = HashSet::new();
-    let room = slot
-        .options
-        .outbox_max
-        .saturating_sub(slot.outbox_len.load(Ordering::Relaxed));
+    let room = slot.outbox_room();
     for (i, (record, _)) in batch.iter().enumerate() {
-        let outcome = match shared.dedup.get(record.key.as_bytes()) {
+        let outcome = match database.dedup.get(record.key.as_bytes()) {
             Err(e) => Err(StoreError::Unwritable(e.to_string())),
             Ok(Some(_)) => Ok((Stored::Duplicate, 0)),
             Ok(None) if !seen_in_batch.insert(record.key.as_str()) => Ok((Stored::Duplicate, 0)),
             Ok(None) if new.len() as u64 >= room => Err(StoreError::Full {
                 capacity: slot.options.outbox_max,
             }),
-            Ok(None) => match shared.db.generate_id() {
+            Ok(None) => match database.db.generate_id() {
                 Err(e) => Err(StoreError::Unwritable(e.to_string())),
                 Ok(seq) => {
                     new.push(NewEvent {
@@ -365,10 +398,10 @@ fn commit(slot: &Slot, shared: &Shared, batch: &[(OutboxRecord, Reply)]) -> Vec<
     let index_value = encode_keys(new.iter().map(|n| batch[n.index].0.key.as_str()));
     let added = new.len() as i64;
     let trees = (
-        &shared.dedup,
-        &shared.dedup_by_time,
-        &shared.outbox,
-        &shared.meta,
+        &database.dedup,
+        &database.dedup_by_time,
+        &database.outbox,
+        &database.meta,
     );
     let result = trees.transaction(|(dedup, by_time, outbox, meta)| {
         for event in &new {
@@ -378,7 +411,7 @@ fn commit(slot: &Slot, shared: &Shared, batch: &[(OutboxRecord, Reply)]) -> Vec<
                 seq: event.seq,
             };
             dedup.insert(record.key.as_bytes(), &entry.encode()[..])?;
-            outbox.insert(&event.seq.to_be_bytes()[..], event.encoded.as_slice())?;
+            outbox.insert(&seq_key(event.seq)[..], event.encoded.as_slice())?;
         }
         by_time.insert(&index_key[..], index_value.as_slice())?;
         add_count(meta, OUTBOX_COUNT, added)?;
@@ -409,11 +442,8 @@ fn commit(slot: &Slot, shared: &Shared, batch: &[(OutboxRecord, Reply)]) -> Vec<
 /// Moves archived events back into the outbox under new sequence numbers, marked as
 /// redelivered, in one transaction; their dedup entries follow them so the admin API still
 /// finds them by id. Room in the outbox is checked like for new events.
-fn put_back(slot: &Slot, shared: &Shared, seqs: &[u64]) -> Result<Vec<Redelivery>, StoreError> {
-    let room = slot
-        .options
-        .outbox_max
-        .saturating_sub(slot.outbox_len.load(Ordering::Relaxed));
+fn put_back(slot: &Slot, database: &Database, seqs: &[u64]) -> Result<Vec<Redelivery>, StoreError> {
+    let room = slot.outbox_room();
     if seqs.len() as u64 > room {
         return Err(StoreError::Full {
             capacity: slot.options.outbox_max,
@@ -423,16 +453,21 @@ fn put_back(slot: &Slot, shared: &Shared, seqs: &[u64]) -> Result<Vec<Redelivery
     // are only gaps.
     let fresh = seqs
         .iter()
-        .map(|_| shared.db.generate_id())
+        .map(|_| database.db.generate_id())
         .collect::<Result<Vec<u64>, _>>()
         .map_err(|e| StoreError::Unwritable(e.to_string()))?;
-    let trees = (&shared.archive, &shared.outbox, &shared.dedup, &shared.meta);
+    let trees = (
+        &database.archive,
+        &database.outbox,
+        &database.dedup,
+        &database.meta,
+    );
     let outcomes = trees
         .transaction(|(archive, outbox, dedup, meta)| {
             let mut outcomes = Vec::with_capacity(seqs.len());
             let mut moved = 0i64;
             for (old, new) in seqs.iter().zip(&fresh) {
-                let old_key = old.to_be_bytes();
+                let old_key = seq_key(*old);
                 let Some(bytes) = archive.remove(&old_key[..])? else {
                     let pending = outbox.get(&old_key[..])?.is_some();
                     outcomes.push(if pending {
@@ -447,7 +482,7 @@ fn put_back(slot: &Slot, shared: &Shared, seqs: &[u64]) -> Result<Vec<Redelivery
                 let (attempts, mut record) = (archived.attempts, archived.record);
                 record.redelivered = true;
                 record.attempts_before = attempts;
-                outbox.insert(&new.to_be_bytes()[..], record.encode())?;
+                outbox.insert(&seq_key(*new)[..], record.encode())?;
                 let points_here = dedup
                     .get(record.key.as_bytes())?
                     .and_then(|v| DedupEntry::decode(&v))
@@ -478,20 +513,11 @@ fn put_back(slot: &Slot, shared: &Shared, seqs: &[u64]) -> Result<Vec<Redelivery
 
 /// Makes the batch just written durable; on failure the database is retired, because the
 /// kernel may already have dropped what it failed to write.
-fn flush(slot: &Slot, shared: &Shared) -> Result<(), String> {
-    let result = shared.make_durable();
+fn flush(slot: &Slot, database: &Database) -> Result<(), String> {
+    let result = database.make_durable();
     if let Err(reason) = &result {
         tracing::error!(%reason, "store sync failed; answering 503 until the database is reopened");
         slot.retire();
     }
     result
-}
-
-impl Shared {
-    /// sled's buffers to its files (`flush`), then everything on the data directory's file
-    /// system to stable storage (`syncfs`).
-    pub fn make_durable(&self) -> Result<(), String> {
-        self.db.flush().map_err(|e| e.to_string())?;
-        self.data_dir.sync().map_err(|e| format!("syncfs: {e}"))
-    }
 }

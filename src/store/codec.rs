@@ -1,0 +1,205 @@
+//! How the store's keys and values look on disk, apart from the outbox record itself
+//! ([`record`](super::record)): dedup entries, the time index, the counts in `meta`, archive
+//! entries and sequence-number keys. A leaf: the writer, the maintenance and the queries all
+//! read and write through these, and none of them through each other.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sled::transaction::{TransactionError, TransactionalTree, UnabortableTransactionError};
+
+use super::error::StoreError;
+use super::record::{OutboxRecord, RecordError};
+
+/// A dedup entry: when the key was first received and which outbox record it made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DedupEntry {
+    pub received_at_ms: u64,
+    pub seq: u64,
+}
+
+impl DedupEntry {
+    pub fn encode(self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        out[..8].copy_from_slice(&self.received_at_ms.to_be_bytes());
+        out[8..].copy_from_slice(&self.seq.to_be_bytes());
+        out
+    }
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let bytes: &[u8; 16] = bytes.try_into().ok()?;
+        Some(Self {
+            received_at_ms: u64::from_be_bytes(bytes[..8].try_into().ok()?),
+            seq: u64::from_be_bytes(bytes[8..].try_into().ok()?),
+        })
+    }
+}
+
+/// Key of a `dedup_by_time` entry: big-endian, so that byte order is time order.
+pub struct TimeIndexKey {
+    pub newest_received_at_ms: u64,
+    pub first_seq: u64,
+}
+
+impl TimeIndexKey {
+    pub fn encode(&self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        out[..8].copy_from_slice(&self.newest_received_at_ms.to_be_bytes());
+        out[8..].copy_from_slice(&self.first_seq.to_be_bytes());
+        out
+    }
+}
+
+/// A batch's keys as one value: each key prefixed by its length (keys are ≤ 255 bytes).
+pub fn encode_keys<'a>(keys: impl Iterator<Item = &'a str>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for key in keys {
+        let len = u8::try_from(key.len()).expect("dedup keys are at most 200 bytes");
+        out.push(len);
+        out.extend_from_slice(key.as_bytes());
+    }
+    out
+}
+
+pub fn decode_keys(mut bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || {
+        let (&len, rest) = bytes.split_first()?;
+        let (key, rest) = rest.split_at_checked(len as usize)?;
+        bytes = rest;
+        Some(key)
+    })
+}
+
+/// Names of the counts kept in `meta`, in the same transactions as what they count.
+pub const OUTBOX_COUNT: &[u8] = b"outbox_events";
+pub const DEDUP_COUNT: &[u8] = b"dedup_keys";
+pub const ARCHIVE_COUNT: &[u8] = b"archive_events";
+
+pub fn decode_count(bytes: &[u8]) -> u64 {
+    bytes.try_into().map_or(0, u64::from_be_bytes)
+}
+
+/// Adds `delta` to a count inside a transaction.
+pub fn add_count(
+    meta: &TransactionalTree,
+    name: &[u8],
+    delta: i64,
+) -> Result<(), UnabortableTransactionError> {
+    if delta == 0 {
+        return Ok(());
+    }
+    let current = meta.get(name)?.map_or(0, |v| decode_count(&v));
+    let updated = current.saturating_add_signed(delta);
+    meta.insert(name, &updated.to_be_bytes())?;
+    Ok(())
+}
+
+pub fn transaction_error(e: TransactionError<()>) -> StoreError {
+    match e {
+        TransactionError::Abort(()) => StoreError::Unwritable("transaction aborted".into()),
+        TransactionError::Storage(e) => StoreError::Sled(e),
+    }
+}
+
+/// `outbox` and `archive` keys: the sequence number, big-endian, so that byte order is
+/// acceptance order.
+pub fn seq_key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+pub fn seq_of(key: &[u8]) -> Result<u64, RecordError> {
+    key.try_into()
+        .map(u64::from_be_bytes)
+        .map_err(|_| RecordError::Corrupt("key is not a sequence number".into()))
+}
+
+const ARCHIVE_VERSION: u8 = 1;
+const ARCHIVE_HEADER: usize = 1 + 8 + 4;
+
+/// An archive entry: the outbox record as it was, and what publishing it took.
+pub struct Archived {
+    pub published_at_ms: u64,
+    /// Publishes this process made before the broker confirmed it.
+    pub attempts: u32,
+    pub record: OutboxRecord,
+}
+
+/// An archived event: when the broker confirmed it, how many publishes that took, and the
+/// outbox record as it was (its encoded bytes, copied without decoding).
+pub fn encode_archived(published_at_ms: u64, attempts: u32, outbox_bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(ARCHIVE_HEADER + outbox_bytes.len());
+    out.push(ARCHIVE_VERSION);
+    out.extend_from_slice(&published_at_ms.to_be_bytes());
+    out.extend_from_slice(&attempts.to_be_bytes());
+    out.extend_from_slice(outbox_bytes);
+    out
+}
+
+pub fn decode_archived(bytes: &[u8]) -> Result<Archived, RecordError> {
+    match bytes.split_first() {
+        Some((&ARCHIVE_VERSION, rest)) if rest.len() >= ARCHIVE_HEADER - 1 => Ok(Archived {
+            published_at_ms: u64::from_be_bytes(rest[..8].try_into().expect("8 bytes")),
+            attempts: u32::from_be_bytes(rest[8..12].try_into().expect("4 bytes")),
+            record: OutboxRecord::decode(&rest[12..])?,
+        }),
+        Some((&ARCHIVE_VERSION, _)) => Err(RecordError::Corrupt("short archive entry".into())),
+        Some((&other, _)) => Err(RecordError::UnknownVersion(other)),
+        None => Err(RecordError::Corrupt("empty archive entry".into())),
+    }
+}
+
+pub fn unix_millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The receive time before which entries have outlived `retention`. Saturating: a retention
+/// too large for milliseconds in a `u64` keeps everything instead of wrapping round to a
+/// small number that would sweep fresh keys at once.
+pub fn cutoff_ms(retention: Duration) -> u64 {
+    let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
+    unix_millis(SystemTime::now()).saturating_sub(retention_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_key_lists_round_trip() {
+        let keys = ["a", "", &"k".repeat(200)];
+        let encoded = encode_keys(keys.iter().copied());
+        let decoded: Vec<&[u8]> = decode_keys(&encoded).collect();
+        assert_eq!(
+            decoded,
+            keys.iter().map(|k| k.as_bytes()).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_retention_beyond_u64_milliseconds_keeps_everything() {
+        // `as_millis() as u64` wrapped: u64::MAX seconds became a cutoff near now.
+        assert_eq!(cutoff_ms(Duration::from_secs(u64::MAX)), 0);
+        assert_eq!(cutoff_ms(Duration::MAX), 0);
+        let now = unix_millis(SystemTime::now());
+        assert!(cutoff_ms(Duration::from_secs(60)) <= now - 60_000);
+    }
+
+    #[test]
+    fn an_archive_entry_round_trips_and_a_short_one_is_refused() {
+        let record = OutboxRecord {
+            key: "k".into(),
+            event: "call.ended".into(),
+            signature: "sha256=00".into(),
+            received_at_ms: 1,
+            source: "test".into(),
+            body: b"{}".to_vec(),
+            redelivered: false,
+            attempts_before: 0,
+        };
+        let entry = encode_archived(7, 3, &record.encode());
+        let archived = decode_archived(&entry).unwrap();
+        assert_eq!((archived.published_at_ms, archived.attempts), (7, 3));
+        assert_eq!(archived.record.key, "k");
+        assert!(decode_archived(&entry[..5]).is_err());
+        assert!(decode_archived(&[]).is_err());
+    }
+}

@@ -1,0 +1,199 @@
+//! The open database and what outlives it.
+//!
+//! [`Database`] is sled with its trees and the data directory it syncs: replaced as a whole
+//! when the writer reopens it after a disk error. [`Slot`] lives as long as the store, across
+//! reopenings: the database in service (none while it is being reopened), the durability mark
+//! the relay waits on, readiness, and the counts. Every other module of the store reaches the
+//! database through the slot, so nobody keeps using a database that was taken out of service.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::sync::watch;
+
+use super::codec::{decode_count, ARCHIVE_COUNT, DEDUP_COUNT, OUTBOX_COUNT};
+use super::disk::{self, DataDir};
+use super::error::StoreError;
+use super::options::StoreOptions;
+
+/// sled, its trees, and the data directory it syncs.
+pub struct Database {
+    pub db: sled::Db,
+    pub data_dir: DataDir,
+    pub dedup: sled::Tree,
+    pub dedup_by_time: sled::Tree,
+    pub outbox: sled::Tree,
+    pub archive: sled::Tree,
+    pub meta: sled::Tree,
+}
+
+impl Database {
+    /// sled's buffers to its files (`flush`), then what sled wrote to stable storage (see
+    /// [`disk`] for what a sync covers).
+    pub fn make_durable(&self) -> Result<(), String> {
+        self.db.flush().map_err(|e| e.to_string())?;
+        self.data_dir.sync().map_err(|e| format!("sync: {e}"))
+    }
+}
+
+/// What lives as long as the store, across reopenings.
+pub struct Slot {
+    pub current: RwLock<Option<Arc<Database>>>,
+    /// A database taken out of service by a failed write or sync, kept until the reopen
+    /// can wait for its last reader to let go of it.
+    pub retired: Mutex<Option<Arc<Database>>>,
+    /// Every outbox sequence number at or below this is on disk; the relay reads up to it.
+    pub durable: watch::Sender<u64>,
+    /// False from a failed write or sync until a reopen succeeds.
+    pub writable: AtomicBool,
+    pub outbox_len: AtomicU64,
+    pub dedup_len: AtomicU64,
+    pub archive_len: AtomicU64,
+    pub options: StoreOptions,
+}
+
+impl Slot {
+    /// Opens the database on the data directory; what it recovers counts as durable.
+    pub fn open(options: &StoreOptions) -> Result<Self, StoreError> {
+        let (database, counts) = open_database(options)?;
+        // Everything recovered at open is on disk already; new numbers are above it.
+        let (durable, _) = watch::channel(database.db.generate_id()?);
+        Ok(Self {
+            current: RwLock::new(Some(Arc::new(database))),
+            retired: Mutex::new(None),
+            durable,
+            writable: true.into(),
+            outbox_len: AtomicU64::new(counts.outbox),
+            dedup_len: AtomicU64::new(counts.dedup),
+            archive_len: AtomicU64::new(counts.archive),
+            options: options.clone(),
+        })
+    }
+
+    /// The database in service, or `Unwritable` while the writer reopens it.
+    pub fn database(&self) -> Result<Arc<Database>, StoreError> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                StoreError::Unwritable("the database is being reopened after a disk error".into())
+            })
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.writable.load(Ordering::Acquire)
+    }
+
+    /// Room left in the outbox for new events.
+    pub fn outbox_room(&self) -> u64 {
+        self.options
+            .outbox_max
+            .saturating_sub(self.outbox_len.load(Ordering::Relaxed))
+    }
+
+    /// Takes the database out of service after a failed write or sync: from now on every
+    /// request is refused until a reopen brings back one that the disk vouches for.
+    pub fn retire(&self) {
+        self.writable.store(false, Ordering::Release);
+        let failed = self
+            .current
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(failed) = failed {
+            *self.retired.lock().unwrap_or_else(|p| p.into_inner()) = Some(failed);
+        }
+    }
+
+    /// Puts a freshly opened database into service with the counts it read.
+    pub fn install(&self, database: Database, counts: Counts) {
+        self.outbox_len.store(counts.outbox, Ordering::Relaxed);
+        self.dedup_len.store(counts.dedup, Ordering::Relaxed);
+        self.archive_len.store(counts.archive, Ordering::Relaxed);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(database));
+        self.writable.store(true, Ordering::Release);
+    }
+}
+
+/// Counts kept in `meta`, read at open.
+pub struct Counts {
+    pub outbox: u64,
+    pub dedup: u64,
+    pub archive: u64,
+}
+
+/// A count from `meta`; a database without one (made before counts were kept) is counted once.
+fn stored_count(meta: &sled::Tree, name: &[u8], tree: &sled::Tree) -> Result<u64, StoreError> {
+    match meta.get(name)? {
+        Some(v) => Ok(decode_count(&v)),
+        None => {
+            let n = tree.len() as u64;
+            meta.insert(name, &n.to_be_bytes())?;
+            Ok(n)
+        }
+    }
+}
+
+/// Opens sled on the data directory with its trees, and makes what it recovered durable.
+///
+/// The cached pages of the store's files are dropped first, so that sled recovers from what
+/// the disk holds (see [`disk`]), and everything is synced before this returns: the files and
+/// directory entries sled just created, and pages left dirty by an earlier process. So what an
+/// open finds counts as durable, at the first start as after a reopen.
+pub fn open_database(options: &StoreOptions) -> Result<(Database, Counts), StoreError> {
+    let unwritable =
+        |e: std::io::Error| StoreError::Unwritable(format!("{}: {e}", options.data_dir.display()));
+    disk::check_kernel().map_err(StoreError::Unwritable)?;
+    disk::evict_cached_pages(&options.data_dir).map_err(unwritable)?;
+    std::fs::create_dir_all(&options.data_dir).map_err(unwritable)?;
+    let db = sled::Config::new()
+        .path(&options.data_dir)
+        .cache_capacity(options.cache_size)
+        .open()?;
+    let data_dir = DataDir::open(&options.data_dir).map_err(unwritable)?;
+    let dedup = db.open_tree("dedup")?;
+    let dedup_by_time = db.open_tree("dedup_by_time")?;
+    let outbox = db.open_tree("outbox")?;
+    let archive = db.open_tree("archive")?;
+    let meta = db.open_tree("meta")?;
+    let counts = Counts {
+        outbox: stored_count(&meta, OUTBOX_COUNT, &outbox)?,
+        dedup: stored_count(&meta, DEDUP_COUNT, &dedup)?,
+        archive: stored_count(&meta, ARCHIVE_COUNT, &archive)?,
+    };
+    let database = Database {
+        db,
+        data_dir,
+        dedup,
+        dedup_by_time,
+        outbox,
+        archive,
+        meta,
+    };
+    database.make_durable().map_err(StoreError::Unwritable)?;
+    Ok((database, counts))
+}
+
+const LOCK_FILE: &str = "kallina-relay.lock";
+
+/// The data directory's own lock file, locked for as long as the store is open: a second
+/// process is refused by the lock's kind (`WouldBlock`), not by reading sled's error text, and
+/// the lock stays held while the writer closes and reopens sled after a disk error.
+pub fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, StoreError> {
+    let unwritable =
+        |e: std::io::Error| StoreError::Unwritable(format!("{}: {e}", data_dir.display()));
+    std::fs::create_dir_all(data_dir).map_err(unwritable)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(data_dir.join(LOCK_FILE))
+        .map_err(unwritable)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked(data_dir.to_path_buf())),
+        Err(std::fs::TryLockError::Error(e)) => Err(unwritable(e)),
+    }
+}

@@ -1,0 +1,231 @@
+//! Housekeeping that needs no sync: confirmed events move from the outbox to the archive, and
+//! dedup keys and archived events past their retention are swept. A thread of the store's own
+//! runs the sweeps every `sweep_interval` and, while a disk error keeps the store unwritable,
+//! asks the writer every second to reopen it; [`Maintenance::stop`] ends it.
+//!
+//! None of this is synced on purpose, and none of it goes through the writer: a move lost in a
+//! power cut only means the event is published once more (at least once allows it), a sweep
+//! lost is done again, and the next batch's sync covers both anyway. sled's transactions keep
+//! these writes atomic against the writer's.
+
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use sled::transaction::ConflictableTransactionError;
+use sled::Transactional;
+
+use super::codec::{
+    add_count, cutoff_ms, decode_archived, decode_keys, encode_archived, seq_key,
+    transaction_error, unix_millis, DedupEntry, TimeIndexKey, ARCHIVE_COUNT, DEDUP_COUNT,
+    OUTBOX_COUNT,
+};
+use super::database::Slot;
+use super::error::StoreError;
+use super::writer::RecoverRequest;
+
+/// Archive entries removed per sweep transaction.
+const SWEEP_BATCH: usize = 512;
+/// How often an unwritable store asks to be reopened.
+const RECOVER_EVERY: Duration = Duration::from_secs(1);
+
+/// An outbox record the broker confirmed, and how many publishes that took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Confirmed {
+    pub seq: u64,
+    pub attempts: u32,
+}
+
+/// Moves confirmed records from the outbox to the archive, or deletes them when no archive is
+/// kept; returns how many were still in the outbox.
+pub fn archive_published(slot: &Slot, confirmed: &[Confirmed]) -> Result<u64, StoreError> {
+    if confirmed.is_empty() {
+        return Ok(0);
+    }
+    let database = slot.database()?;
+    let keep = slot.options.keeps_archive();
+    let published_at_ms = unix_millis(SystemTime::now());
+    let moved = (&database.outbox, &database.archive, &database.meta)
+        .transaction(|(outbox, archive, meta)| {
+            let mut moved = 0;
+            for done in confirmed {
+                let key = seq_key(done.seq);
+                if let Some(bytes) = outbox.remove(&key[..])? {
+                    if keep {
+                        let entry = encode_archived(published_at_ms, done.attempts, &bytes);
+                        archive.insert(&key[..], entry)?;
+                    }
+                    moved += 1;
+                }
+            }
+            add_count(meta, OUTBOX_COUNT, -(moved as i64))?;
+            if keep {
+                add_count(meta, ARCHIVE_COUNT, moved as i64)?;
+            }
+            Ok::<_, ConflictableTransactionError<()>>(moved)
+        })
+        .map_err(transaction_error)?;
+    slot.outbox_len.fetch_sub(moved, Ordering::Relaxed);
+    if keep {
+        slot.archive_len.fetch_add(moved, Ordering::Relaxed);
+    }
+    Ok(moved)
+}
+
+/// Deletes dedup keys first received before `now - retention`; returns how many.
+pub fn sweep_dedup(slot: &Slot, retention: Duration) -> Result<u64, StoreError> {
+    let cutoff_ms = cutoff_ms(retention);
+    let database = slot.database()?;
+    let mut removed = 0;
+    // Batches whose newest event is older than the cutoff hold only expired keys.
+    let end = TimeIndexKey {
+        newest_received_at_ms: cutoff_ms,
+        first_seq: 0,
+    }
+    .encode();
+    loop {
+        let Some((index_key, keys)) = database
+            .dedup_by_time
+            .range(..&end[..])
+            .next()
+            .transpose()?
+        else {
+            return Ok(removed);
+        };
+        // Remove a key only if it is still this old entry (not received again since).
+        let swept = (&database.dedup, &database.meta)
+            .transaction(|(dedup, meta)| {
+                let mut swept = 0;
+                for key in decode_keys(&keys) {
+                    let expired = dedup
+                        .get(key)?
+                        .and_then(|v| DedupEntry::decode(&v))
+                        .is_some_and(|e| e.received_at_ms < cutoff_ms);
+                    if expired {
+                        dedup.remove(key)?;
+                        swept += 1;
+                    }
+                }
+                add_count(meta, DEDUP_COUNT, -(swept as i64))?;
+                Ok::<_, ConflictableTransactionError<()>>(swept)
+            })
+            .map_err(transaction_error)?;
+        slot.dedup_len.fetch_sub(swept, Ordering::Relaxed);
+        removed += swept;
+        database.dedup_by_time.remove(index_key)?;
+    }
+}
+
+/// Removes archived events first received before `now - retention`, in sequence order: the
+/// scan stops at the first entry still inside the retention. Returns how many.
+pub fn sweep_archive(slot: &Slot, retention: Duration) -> Result<u64, StoreError> {
+    let cutoff_ms = cutoff_ms(retention);
+    let database = slot.database()?;
+    let mut removed = 0;
+    loop {
+        let mut expired = Vec::new();
+        let mut reached_live = false;
+        for item in database.archive.iter().take(SWEEP_BATCH) {
+            let (key, bytes) = item?;
+            let record = decode_archived(&bytes)?.record;
+            if record.received_at_ms >= cutoff_ms {
+                reached_live = true;
+                break;
+            }
+            expired.push(key);
+        }
+        if !expired.is_empty() {
+            let swept = (&database.archive, &database.meta)
+                .transaction(|(archive, meta)| {
+                    let mut swept = 0;
+                    for key in &expired {
+                        if archive.remove(key)?.is_some() {
+                            swept += 1;
+                        }
+                    }
+                    add_count(meta, ARCHIVE_COUNT, -(swept as i64))?;
+                    Ok::<_, ConflictableTransactionError<()>>(swept)
+                })
+                .map_err(transaction_error)?;
+            slot.archive_len.fetch_sub(swept, Ordering::Relaxed);
+            removed += swept;
+        }
+        if reached_live || expired.len() < SWEEP_BATCH {
+            return Ok(removed);
+        }
+    }
+}
+
+/// The maintenance thread, reached only through this handle.
+pub struct Maintenance {
+    stop: Mutex<Option<mpsc::Sender<()>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Maintenance {
+    pub fn start(slot: Arc<Slot>, recover: RecoverRequest) -> Result<Self, StoreError> {
+        let (stop, stopped) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("store-maintenance".into())
+            .spawn(move || run(&slot, &recover, &stopped))
+            .map_err(|e| StoreError::Unwritable(format!("cannot start maintenance: {e}")))?;
+        Ok(Self {
+            stop: Mutex::new(Some(stop)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Ends the thread (a sweep under way finishes its current transaction first).
+    pub fn stop(&self) {
+        drop(self.stop.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Maintenance {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn run(slot: &Slot, recover: &RecoverRequest, stopped: &mpsc::Receiver<()>) {
+    let interval = slot.options.sweep_interval;
+    // The first sweep at start, as after a long stop there may be plenty to do.
+    let mut next_sweep = Instant::now();
+    loop {
+        let wait = next_sweep
+            .saturating_duration_since(Instant::now())
+            .min(RECOVER_EVERY);
+        match stopped.recv_timeout(wait) {
+            Err(RecvTimeoutError::Timeout) => {}
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+        }
+        // sled stays failed after an I/O error: only a reopen brings writes back, so that
+        // readiness returns soon after space does, with or without traffic.
+        if !slot.is_writable() {
+            recover.send();
+        }
+        if Instant::now() >= next_sweep {
+            sweep(slot);
+            next_sweep = Instant::now() + interval;
+        }
+    }
+}
+
+fn sweep(slot: &Slot) {
+    match sweep_dedup(slot, slot.options.dedup_retention) {
+        Ok(0) => {}
+        Ok(removed) => tracing::info!(removed, "expired dedup keys swept"),
+        Err(e) => tracing::error!(error = %e, "dedup sweep failed"),
+    }
+    match sweep_archive(slot, slot.options.archive_retention) {
+        Ok(0) => {}
+        Ok(removed) => tracing::info!(removed, "expired archived events swept"),
+        Err(e) => tracing::error!(error = %e, "archive sweep failed"),
+    }
+}

@@ -1,0 +1,269 @@
+//! The read side: what the relay, the admin API and readiness ask the store. Nothing here
+//! writes; every read goes through the [`Slot`], so a database taken out of service after a
+//! disk error answers nobody.
+//!
+//! A confirmed event moves from `outbox` to `archive` under the same sequence number, so an
+//! event is always in exactly one of the two, and its dedup entry (key → sequence number)
+//! finds it in either.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use super::codec::{decode_archived, seq_key, seq_of, unix_millis, DedupEntry};
+use super::database::{Database, Slot};
+use super::error::StoreError;
+use super::record::{OutboxRecord, RecordError};
+
+/// Most records one page of [`list_events`] reads, matching or not.
+const SCAN_LIMIT: usize = 10_000;
+
+/// A durable outbox record and its sequence number, as the relay reads them.
+#[derive(Debug, Clone)]
+pub struct OutboxEntry {
+    pub seq: u64,
+    pub record: OutboxRecord,
+}
+
+/// Where an event is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventStatus {
+    /// In the outbox, waiting for the broker's confirm.
+    Pending,
+    /// Confirmed by the broker; kept in the archive.
+    Published,
+}
+
+impl EventStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Published => "published",
+        }
+    }
+}
+
+/// One stored event, as the admin API shows it.
+#[derive(Debug, Clone)]
+pub struct EventView {
+    pub seq: u64,
+    pub status: EventStatus,
+    pub published_at_ms: Option<u64>,
+    /// Publishes the broker confirmed or refused so far (0 while first waiting).
+    pub attempts: u32,
+    pub record: OutboxRecord,
+}
+
+impl EventView {
+    /// An outbox record, still waiting for the broker.
+    fn pending(seq: u64, outbox_bytes: &[u8]) -> Result<Self, RecordError> {
+        let record = OutboxRecord::decode(outbox_bytes)?;
+        Ok(Self {
+            seq,
+            status: EventStatus::Pending,
+            published_at_ms: None,
+            attempts: record.attempts_before,
+            record,
+        })
+    }
+
+    /// An archive entry: confirmed by the broker.
+    fn published(seq: u64, archive_bytes: &[u8]) -> Result<Self, RecordError> {
+        let archived = decode_archived(archive_bytes)?;
+        Ok(Self {
+            seq,
+            status: EventStatus::Published,
+            published_at_ms: Some(archived.published_at_ms),
+            attempts: archived.attempts,
+            record: archived.record,
+        })
+    }
+}
+
+/// A filter over stored events, in acceptance order.
+#[derive(Debug, Clone, Default)]
+pub struct EventQuery {
+    /// Receive time at or after (Unix ms).
+    pub since_ms: Option<u64>,
+    /// Receive time before (Unix ms).
+    pub until_ms: Option<u64>,
+    pub event: Option<String>,
+    pub status: Option<EventStatus>,
+    pub limit: usize,
+    /// Continue after this sequence number (the previous page's cursor).
+    pub after: Option<u64>,
+}
+
+impl EventQuery {
+    fn matches(&self, record: &OutboxRecord) -> bool {
+        self.since_ms.is_none_or(|s| record.received_at_ms >= s)
+            && self.until_ms.is_none_or(|u| record.received_at_ms < u)
+            && self.event.as_deref().is_none_or(|e| record.event == e)
+    }
+}
+
+/// One page of events; `next_cursor` is `None` once the scan reached the end.
+#[derive(Debug, Clone)]
+pub struct EventPage {
+    pub events: Vec<EventView>,
+    pub next_cursor: Option<u64>,
+}
+
+/// What the store has now, for `/readyz` and the metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreStats {
+    pub outbox_events: u64,
+    pub outbox_capacity: u64,
+    pub outbox_oldest_age: Option<Duration>,
+    pub dedup_keys: u64,
+    pub archive_events: u64,
+    pub writable: bool,
+}
+
+/// The sequence number the dedup key `key` points at, if it is stored.
+pub fn seq_of_key(database: &Database, key: &str) -> Result<Option<u64>, StoreError> {
+    Ok(database
+        .dedup
+        .get(key.as_bytes())?
+        .and_then(|v| DedupEntry::decode(&v))
+        .map(|entry| entry.seq))
+}
+
+/// True if `key` was stored before and that write is already on disk: a retry that needs
+/// nothing written and nothing waited for.
+pub fn is_durable_duplicate(slot: &Slot, key: &str) -> Result<bool, StoreError> {
+    let found = seq_of_key(&*slot.database()?, key).inspect_err(|_| {
+        // sled fails every operation after an I/O error: readiness must say so at once.
+        slot.writable.store(false, Ordering::Release);
+    })?;
+    Ok(found.is_some_and(|seq| seq <= *slot.durable.borrow()) && slot.is_writable())
+}
+
+/// Up to `limit` durable outbox records with sequence numbers above `after`, oldest first.
+pub fn outbox_after(
+    slot: &Slot,
+    after: Option<u64>,
+    limit: usize,
+) -> Result<Vec<OutboxEntry>, StoreError> {
+    let durable = *slot.durable.borrow();
+    let start = after.map_or(0, |a| a.saturating_add(1));
+    if start > durable {
+        return Ok(Vec::new());
+    }
+    slot.database()?
+        .outbox
+        .range(seq_key(start)..=seq_key(durable))
+        .take(limit)
+        .map(|item| {
+            let (k, v) = item?;
+            Ok(OutboxEntry {
+                seq: seq_of(&k)?,
+                record: OutboxRecord::decode(&v)?,
+            })
+        })
+        .collect()
+}
+
+/// The event at `seq`, wherever it is.
+pub fn event_at(database: &Database, seq: u64) -> Result<Option<EventView>, StoreError> {
+    if let Some(bytes) = database.outbox.get(seq_key(seq))? {
+        return Ok(Some(EventView::pending(seq, &bytes)?));
+    }
+    match database.archive.get(seq_key(seq))? {
+        Some(bytes) => Ok(Some(EventView::published(seq, &bytes)?)),
+        None => Ok(None),
+    }
+}
+
+/// A page of events matching `query`, oldest first: outbox and archive merged by sequence
+/// number. At most [`SCAN_LIMIT`] records are read per page, so a page may come back short
+/// with a cursor to go on from.
+pub fn list_events(database: &Database, query: &EventQuery) -> Result<EventPage, StoreError> {
+    let start = seq_key(query.after.map_or(0, |a| a.saturating_add(1)));
+    let want = |status| query.status.is_none_or(|s| s == status);
+    let mut pending = want(EventStatus::Pending)
+        .then(|| database.outbox.range(start..))
+        .into_iter()
+        .flatten()
+        .peekable();
+    let mut published = want(EventStatus::Published)
+        .then(|| database.archive.range(start..))
+        .into_iter()
+        .flatten()
+        .peekable();
+    let mut events = Vec::new();
+    let mut scanned = 0;
+    let mut last = None;
+    loop {
+        if events.len() >= query.limit || scanned >= SCAN_LIMIT {
+            // More may follow: the caller goes on from the last record read.
+            return Ok(EventPage {
+                events,
+                next_cursor: last,
+            });
+        }
+        let next_pending = match pending.peek() {
+            Some(Ok((k, _))) => Some(seq_of(k)?),
+            Some(Err(_)) => return Err(pending.next().expect("peeked").unwrap_err().into()),
+            None => None,
+        };
+        let next_published = match published.peek() {
+            Some(Ok((k, _))) => Some(seq_of(k)?),
+            Some(Err(_)) => return Err(published.next().expect("peeked").unwrap_err().into()),
+            None => None,
+        };
+        let view = match (next_pending, next_published) {
+            (None, None) => {
+                return Ok(EventPage {
+                    events,
+                    next_cursor: None,
+                })
+            }
+            (Some(p), a) if a.is_none_or(|a| p < a) => {
+                let (_, bytes) = pending.next().expect("peeked")?;
+                EventView::pending(p, &bytes)?
+            }
+            (_, Some(a)) => {
+                let (_, bytes) = published.next().expect("peeked")?;
+                EventView::published(a, &bytes)?
+            }
+            (Some(_), None) => unreachable!("covered by the arm above"),
+        };
+        scanned += 1;
+        last = Some(view.seq);
+        if query.matches(&view.record) {
+            events.push(view);
+        }
+    }
+}
+
+/// Sequence numbers of the archived events a redrive would put back.
+pub fn archived_matching(database: &Database, query: &EventQuery) -> Result<Vec<u64>, StoreError> {
+    let mut seqs = Vec::new();
+    for item in database.archive.iter() {
+        let (key, bytes) = item?;
+        if query.matches(&decode_archived(&bytes)?.record) {
+            seqs.push(seq_of(&key)?);
+        }
+    }
+    Ok(seqs)
+}
+
+pub fn stats(slot: &Slot) -> StoreStats {
+    let oldest = slot
+        .database()
+        .ok()
+        .and_then(|database| database.outbox.first().ok().flatten())
+        .and_then(|(_, v)| OutboxRecord::decode(&v).ok())
+        .map(|r| {
+            let now = unix_millis(SystemTime::now());
+            Duration::from_millis(now.saturating_sub(r.received_at_ms))
+        });
+    StoreStats {
+        outbox_events: slot.outbox_len.load(Ordering::Relaxed),
+        outbox_capacity: slot.options.outbox_max,
+        outbox_oldest_age: oldest,
+        dedup_keys: slot.dedup_len.load(Ordering::Relaxed),
+        archive_events: slot.archive_len.load(Ordering::Relaxed),
+        writable: slot.is_writable(),
+    }
+}

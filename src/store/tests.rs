@@ -1,0 +1,312 @@
+//! The store as its users see it: accept, dedup, read back, archive, redeliver, sweep, reopen.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use super::*;
+
+fn options(dir: &Path, outbox_max: u64) -> StoreOptions {
+    StoreOptions {
+        cache_size: 8 << 20,
+        outbox_max,
+        ..StoreOptions::at(dir)
+    }
+}
+
+fn open(dir: &Path, outbox_max: u64) -> Store {
+    Store::open(&options(dir, outbox_max)).unwrap()
+}
+
+fn record(key: &str, received_at_ms: u64) -> OutboxRecord {
+    record_of(key, "call.ended", received_at_ms)
+}
+
+fn record_of(key: &str, event: &str, received_at_ms: u64) -> OutboxRecord {
+    OutboxRecord {
+        key: key.into(),
+        event: event.into(),
+        signature: "sha256=00".into(),
+        received_at_ms,
+        source: "test".into(),
+        body: format!("{{\"k\":\"{key}\"}}").into_bytes(),
+        redelivered: false,
+        attempts_before: 0,
+    }
+}
+#[tokio::test]
+async fn a_key_is_stored_once_and_read_back_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&options(dir.path(), 10)).unwrap();
+    let now = unix_millis(SystemTime::now());
+    assert!(matches!(
+        store.accept(record("a", now)).await.unwrap(),
+        Stored::New
+    ));
+    assert_eq!(
+        store.accept(record("a", now)).await.unwrap(),
+        Stored::Duplicate
+    );
+    assert!(matches!(
+        store.accept(record("b", now)).await.unwrap(),
+        Stored::New
+    ));
+    let pending = store.outbox_after(None, 10).unwrap();
+    let keys: Vec<_> = pending.iter().map(|e| e.record.key.as_str()).collect();
+    assert_eq!(keys, ["a", "b"]);
+    assert_eq!(
+        store.outbox_after(Some(pending[0].seq), 10).unwrap().len(),
+        1
+    );
+    store
+        .archive_published(&[Confirmed {
+            seq: pending[0].seq,
+            attempts: 1,
+        }])
+        .unwrap();
+    let stats = store.stats();
+    assert_eq!((stats.outbox_events, stats.dedup_keys), (1, 2));
+}
+
+#[tokio::test]
+async fn a_full_outbox_refuses_new_keys_but_still_answers_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&options(dir.path(), 1)).unwrap();
+    let now = unix_millis(SystemTime::now());
+    store.accept(record("a", now)).await.unwrap();
+    assert!(matches!(
+        store.accept(record("b", now)).await,
+        Err(StoreError::Full { capacity: 1 })
+    ));
+    assert_eq!(
+        store.accept(record("a", now)).await.unwrap(),
+        Stored::Duplicate
+    );
+}
+
+#[tokio::test]
+async fn the_sweeper_expires_only_old_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&options(dir.path(), 10)).unwrap();
+    let now = unix_millis(SystemTime::now());
+    store.accept(record("old", now - 3_600_000)).await.unwrap();
+    store.accept(record("new", now)).await.unwrap();
+    assert_eq!(store.sweep_expired(Duration::from_secs(60)).unwrap(), 1);
+    assert_eq!(store.stats().dedup_keys, 1);
+    assert!(matches!(
+        store.accept(record("old", now)).await.unwrap(),
+        Stored::New
+    ));
+    assert_eq!(
+        store.accept(record("new", now)).await.unwrap(),
+        Stored::Duplicate
+    );
+}
+
+#[tokio::test]
+async fn everything_survives_a_reopen_and_a_second_opener_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = unix_millis(SystemTime::now());
+    {
+        let store = Store::open(&options(dir.path(), 10)).unwrap();
+        store.accept(record("a", now)).await.unwrap();
+        assert!(matches!(
+            Store::open(&options(dir.path(), 10)),
+            Err(StoreError::Locked(_))
+        ));
+        store.close();
+    }
+    let store = Store::open(&options(dir.path(), 10)).unwrap();
+    assert_eq!(
+        store.accept(record("a", now)).await.unwrap(),
+        Stored::Duplicate
+    );
+    // The counts come back from `meta`, not from a scan.
+    let stats = store.stats();
+    assert_eq!((stats.outbox_events, stats.dedup_keys), (1, 1));
+    assert!(matches!(
+        store.accept(record("b", now)).await.unwrap(),
+        Stored::New
+    ));
+    assert_eq!(store.outbox_after(None, 10).unwrap().len(), 2);
+}
+
+/// Accepts the records and "publishes" the first `published` of them.
+async fn stored(store: &Store, records: Vec<OutboxRecord>, published: usize) {
+    for r in records {
+        assert_eq!(store.accept(r).await.unwrap(), Stored::New);
+    }
+    let seqs: Vec<Confirmed> = store
+        .outbox_after(None, 1000)
+        .unwrap()
+        .iter()
+        .take(published)
+        .map(|e| Confirmed {
+            seq: e.seq,
+            attempts: 2,
+        })
+        .collect();
+    store.archive_published(&seqs).unwrap();
+}
+
+#[tokio::test]
+async fn a_published_event_is_found_in_the_archive_and_a_pending_one_in_the_outbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 10);
+    let now = unix_millis(SystemTime::now());
+    let records = vec![
+        record_of("a", "call.ended", now),
+        record_of("b", "call.started", now),
+    ];
+    stored(&store, records, 1).await;
+
+    let a = store.find_event("a").unwrap().unwrap();
+    assert_eq!((a.status, a.attempts), (EventStatus::Published, 2));
+    assert!(a.published_at_ms.is_some());
+    assert_eq!(a.record.body, b"{\"k\":\"a\"}");
+    let b = store.find_event("b").unwrap().unwrap();
+    assert_eq!(b.status, EventStatus::Pending);
+    assert!(store.find_event("c").unwrap().is_none());
+    let stats = store.stats();
+    assert_eq!((stats.outbox_events, stats.archive_events), (1, 1));
+}
+
+#[tokio::test]
+async fn lists_merge_outbox_and_archive_in_order_and_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 100);
+    let now = unix_millis(SystemTime::now());
+    let records = (0..10)
+        .map(|i| {
+            let event = if i % 2 == 0 {
+                "call.ended"
+            } else {
+                "call.started"
+            };
+            record_of(&format!("k{i}"), event, now + i)
+        })
+        .collect();
+    stored(&store, records, 6).await;
+
+    let all = |q: EventQuery| -> Vec<String> {
+        let mut keys = Vec::new();
+        let mut q = EventQuery { limit: 3, ..q };
+        loop {
+            let page = store.list_events(&q).unwrap();
+            keys.extend(page.events.iter().map(|e| e.record.key.clone()));
+            match page.next_cursor {
+                Some(c) => q.after = Some(c),
+                None => return keys,
+            }
+        }
+    };
+    let keys = all(EventQuery::default());
+    assert_eq!(keys, (0..10).map(|i| format!("k{i}")).collect::<Vec<_>>());
+    let pending = all(EventQuery {
+        status: Some(EventStatus::Pending),
+        ..EventQuery::default()
+    });
+    assert_eq!(pending, ["k6", "k7", "k8", "k9"]);
+    let started_in_window = all(EventQuery {
+        event: Some("call.started".into()),
+        since_ms: Some(now + 3),
+        until_ms: Some(now + 9),
+        ..EventQuery::default()
+    });
+    assert_eq!(started_in_window, ["k3", "k5", "k7"]);
+}
+
+#[tokio::test]
+async fn redelivery_moves_an_event_back_once_and_keeps_it_findable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 10);
+    let now = unix_millis(SystemTime::now());
+    stored(
+        &store,
+        vec![
+            record_of("a", "call.ended", now),
+            record_of("b", "call.ended", now),
+        ],
+        1,
+    )
+    .await;
+
+    assert_eq!(
+        store.redeliver_event("b").await.unwrap(),
+        Redelivery::Pending
+    );
+    assert_eq!(
+        store.redeliver_event("zz").await.unwrap(),
+        Redelivery::Missing
+    );
+    let Redelivery::Queued(seq) = store.redeliver_event("a").await.unwrap() else {
+        panic!("a was archived");
+    };
+    // Durable and visible to the relay, marked, with its earlier attempts carried over.
+    let waiting = store.outbox_after(None, 10).unwrap();
+    let again = &waiting.iter().find(|e| e.seq == seq).unwrap().record;
+    assert!(again.redelivered);
+    assert_eq!(again.attempts_before, 2);
+    let found = store.find_event("a").unwrap().unwrap();
+    assert_eq!((found.seq, found.status), (seq, EventStatus::Pending));
+    // Still a duplicate for the receiver, and not put back twice.
+    assert_eq!(
+        store.redeliver_event("a").await.unwrap(),
+        Redelivery::Pending
+    );
+    assert_eq!(
+        store
+            .accept(record_of("a", "call.ended", now))
+            .await
+            .unwrap(),
+        Stored::Duplicate
+    );
+    let stats = store.stats();
+    assert_eq!((stats.outbox_events, stats.archive_events), (2, 0));
+}
+
+#[tokio::test]
+async fn redelivery_respects_the_outbox_capacity() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 1);
+    let now = unix_millis(SystemTime::now());
+    stored(&store, vec![record_of("a", "call.ended", now)], 1).await;
+    store
+        .accept(record_of("b", "call.ended", now))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.redeliver_event("a").await,
+        Err(StoreError::Full { capacity: 1 })
+    ));
+    assert_eq!(
+        store.find_event("a").unwrap().unwrap().status,
+        EventStatus::Published
+    );
+}
+
+#[tokio::test]
+async fn the_archive_sweep_removes_only_old_events_and_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = unix_millis(SystemTime::now());
+    {
+        let store = open(dir.path(), 10);
+        let records = vec![
+            record_of("old", "call.ended", now - 3_600_000),
+            record_of("new", "call.ended", now),
+        ];
+        stored(&store, records, 2).await;
+        assert_eq!(store.sweep_archive(Duration::from_secs(60)).unwrap(), 1);
+        store.close();
+    }
+    let store = open(dir.path(), 10);
+    assert_eq!(store.stats().archive_events, 1);
+    assert!(store.find_event("old").unwrap().is_none());
+    let matched = store
+        .archived_matching(&EventQuery {
+            since_ms: Some(now - 10),
+            until_ms: Some(now + 10),
+            ..EventQuery::default()
+        })
+        .unwrap();
+    assert_eq!(matched.len(), 1);
+}
