@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -452,12 +452,26 @@ pub struct ChildRelay {
     pub admin_address: String,
 }
 
+/// A port nothing listens on now, for a child relay's listeners.
+///
+/// Taken below the kernel's ephemeral range (32768–60999 by default), where every port-0 bind
+/// of the tests running alongside lands: a port picked from that range could be handed to one
+/// of them between this check and the child's own bind (seen as `Address already in use`).
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    const FIRST: u16 = 20_000;
+    const LAST: u16 = 32_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let span = u32::from(LAST - FIRST);
+    // Spread by process, so that two test runs at once start apart.
+    let start = std::process::id() % span;
+    for _ in 0..span {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = FIRST + offset as u16;
+        if StdListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between {FIRST} and {LAST}");
 }
 
 /// The environment every relay started as a child process gets: nothing inherited but `PATH`,
