@@ -15,6 +15,7 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod http;
 pub mod ingress;
 pub mod metrics;
 pub mod relay;

@@ -23,7 +23,8 @@ use tokio::task::JoinSet;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Admin};
-use crate::ingress::{self, assign_request_id, Ingress};
+use crate::http::assign_request_id;
+use crate::ingress::{self, Ingress};
 use crate::metrics::Metrics;
 use crate::relay::{BrokerStatus, Relay};
 use crate::settings::Settings;

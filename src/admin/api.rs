@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::http::header::{AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE};
+use actix_web::http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
 use actix_web::http::StatusCode;
 use actix_web::middleware::{from_fn, Next};
-use actix_web::{web, HttpRequest, HttpResponse, Scope};
+use actix_web::{web, HttpRequest, HttpResponse, HttpResponseBuilder, Scope};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -21,10 +21,11 @@ use subtle::ConstantTimeEq;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use super::contract::{EventDetail, EventList, EventSummary, Redelivered, RedriveStarted};
 use super::Admin;
-use crate::ingress::{assign_request_id, error_body, RequestId};
+use crate::http::{assign_request_id, respond, ApiError, Failure, RequestId};
 use crate::shutdown::Shutdown;
-use crate::store::{EventQuery, EventStatus, EventView, Redelivery, StoreError};
+use crate::store::{EventQuery, EventStatus, Redelivery, StoreError};
 
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1000;
@@ -51,7 +52,7 @@ pub enum AdminError {
     },
 }
 
-impl AdminError {
+impl ApiError for AdminError {
     fn code(&self) -> &'static str {
         match self {
             Self::Unauthorized => "unauthorized",
@@ -83,28 +84,24 @@ impl AdminError {
         }
     }
 
-    fn to_response(&self, request_id: &str) -> HttpResponse {
-        let mut response = HttpResponse::build(self.status());
+    fn retry_after(&self) -> Option<u32> {
         match self {
-            Self::Unauthorized => {
-                response.insert_header((WWW_AUTHENTICATE, "Bearer"));
-            }
             Self::Unavailable {
                 retry_after_seconds,
                 ..
-            } => {
-                response.insert_header((RETRY_AFTER, retry_after_seconds.to_string()));
-            }
-            _ => {}
+            } => Some(*retry_after_seconds),
+            _ => None,
         }
-        response.json(error_body(
-            self.code(),
-            &self.to_string(),
-            self.details(),
-            request_id,
-        ))
     }
 
+    fn decorate(&self, response: &mut HttpResponseBuilder) {
+        if let Self::Unauthorized = self {
+            response.insert_header((WWW_AUTHENTICATE, "Bearer"));
+        }
+    }
+}
+
+impl AdminError {
     fn invalid(field: &str, reason: impl Into<String>) -> Self {
         Self::InvalidQuery {
             field: field.into(),
@@ -126,39 +123,16 @@ impl From<StoreError> for AdminError {
     }
 }
 
-/// Handlers answer `Result<HttpResponse, Failure>`: the error with the request's id.
-struct Failure(AdminError, String);
-
-type Answer = Result<HttpResponse, Failure>;
+/// Handlers answer `Result<HttpResponse, Failure<AdminError>>`: the error with the request's id.
+type Answer = Result<HttpResponse, Failure<AdminError>>;
 
 trait WithRequest<T> {
-    fn for_request(self, req: &HttpRequest) -> Result<T, Failure>;
+    fn for_request(self, req: &HttpRequest) -> Result<T, Failure<AdminError>>;
 }
 
 impl<T, E: Into<AdminError>> WithRequest<T> for Result<T, E> {
-    fn for_request(self, req: &HttpRequest) -> Result<T, Failure> {
+    fn for_request(self, req: &HttpRequest) -> Result<T, Failure<AdminError>> {
         self.map_err(|e| Failure(e.into(), RequestId::of(req)))
-    }
-}
-
-impl std::fmt::Debug for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl actix_web::ResponseError for Failure {
-    fn status_code(&self) -> StatusCode {
-        self.0.status()
-    }
-    fn error_response(&self) -> HttpResponse<BoxBody> {
-        self.0.to_response(&self.1)
     }
 }
 
@@ -179,7 +153,7 @@ pub fn scope() -> Scope<
         .route("/events/{id}/redeliver", web::post().to(redeliver))
         .route("/redrive", web::post().to(redrive))
         .default_service(web::to(|req: HttpRequest| async move {
-            AdminError::NotFound.to_response(&RequestId::of(&req))
+            respond(&AdminError::NotFound, &RequestId::of(&req))
         }))
 }
 
@@ -205,7 +179,7 @@ async fn require_token(
     };
     match refusal {
         Some(error) => {
-            let response = error.to_response(&RequestId::of(req.request()));
+            let response = respond(&error, &RequestId::of(req.request()));
             Ok(req.into_response(response))
         }
         None => Ok(next.call(req).await?.map_into_boxed_body()),
@@ -242,10 +216,10 @@ async fn list_events(req: HttpRequest, admin: web::Data<Admin>) -> Answer {
         .map_err(|e| StoreError::Unwritable(e.to_string()))
         .for_request(&req)?
         .for_request(&req)?;
-    Ok(HttpResponse::Ok().json(json!({
-        "events": page.events.iter().map(summary).collect::<Vec<_>>(),
-        "next_cursor": page.next_cursor.map(|c| c.to_string()),
-    })))
+    Ok(HttpResponse::Ok().json(EventList {
+        events: page.events.iter().map(EventSummary::from).collect(),
+        next_cursor: page.next_cursor.map(|c| c.to_string()),
+    }))
 }
 
 fn list_query(params: ListParams) -> Result<EventQuery, AdminError> {
@@ -301,11 +275,7 @@ async fn show_event(req: HttpRequest, admin: web::Data<Admin>, id: web::Path<Str
         .for_request(&req)?
         .ok_or(AdminError::NotFound)
         .for_request(&req)?;
-    let mut body = summary(&view);
-    // Bodies were checked to be UTF-8 JSON when they were accepted: shown exactly as received.
-    body["body"] = serde_json::from_slice(&view.record.body)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&view.record.body).into_owned()));
-    Ok(HttpResponse::Ok().json(body))
+    Ok(HttpResponse::Ok().json(EventDetail::from(&view)))
 }
 
 async fn redeliver(req: HttpRequest, admin: web::Data<Admin>, id: web::Path<String>) -> Answer {
@@ -318,7 +288,10 @@ async fn redeliver(req: HttpRequest, admin: web::Data<Admin>, id: web::Path<Stri
                 .with_label_values(&["redeliver"])
                 .inc();
             tracing::info!(id = %id, "event put back for redelivery");
-            Ok(HttpResponse::Accepted().json(json!({ "id": id.as_str(), "status": "pending" })))
+            Ok(HttpResponse::Accepted().json(Redelivered {
+                id: id.into_inner(),
+                status: "pending".into(),
+            }))
         }
         Redelivery::Pending => Err(AdminError::EventPending).for_request(&req),
         Redelivery::Missing => Err(AdminError::NotFound).for_request(&req),
@@ -355,7 +328,10 @@ async fn redrive(req: HttpRequest, admin: web::Data<Admin>, body: web::Bytes) ->
         .for_request(&req)?;
     let matched = seqs.len();
     if request.dry_run {
-        return Ok(HttpResponse::Ok().json(json!({ "matched": matched, "dry_run": true })));
+        return Ok(HttpResponse::Ok().json(RedriveStarted {
+            matched,
+            dry_run: true,
+        }));
     }
     tracing::info!(
         matched,
@@ -364,7 +340,10 @@ async fn redrive(req: HttpRequest, admin: web::Data<Admin>, body: web::Bytes) ->
     );
     admin.metrics.redrive_pending.add(matched as i64);
     actix_web::rt::spawn(admin.tasks.track_future(run_redrive(admin.clone(), seqs)));
-    Ok(HttpResponse::Accepted().json(json!({ "matched": matched, "dry_run": false })))
+    Ok(HttpResponse::Accepted().json(RedriveStarted {
+        matched,
+        dry_run: false,
+    }))
 }
 
 /// Puts the matched events back, a chunk at a time, at most `redrive_rate` per second; waits
@@ -421,27 +400,6 @@ async fn pause_unless_stopped(shutdown: &mut Shutdown, pause: Duration) {
     }
 }
 
-/// An event's summary, as lists show it.
-fn summary(view: &EventView) -> Value {
-    json!({
-        "id": view.record.key,
-        "event": view.record.event,
-        "status": view.status.as_str(),
-        "received": rfc3339_ms(view.record.received_at_ms),
-        "published": view.published_at_ms.map(rfc3339_ms),
-        "attempts": view.attempts,
-        "redelivered": view.record.redelivered,
-        "size_bytes": view.record.body.len(),
-    })
-}
-
-fn rfc3339_ms(ms: u64) -> String {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_default()
-}
-
 /// RFC 3339, or Unix seconds.
 fn time_ms(field: &str, text: &str) -> Result<u64, AdminError> {
     let invalid = || AdminError::invalid(field, "an RFC 3339 time or Unix seconds");
@@ -489,7 +447,10 @@ mod tests {
             time_ms("until", "yesterday"),
             Err(AdminError::InvalidQuery { field, .. }) if field == "until"
         ));
-        assert_eq!(rfc3339_ms(1_700_000_000_500), "2023-11-14T22:13:20.5Z");
+        assert_eq!(
+            crate::admin::contract::rfc3339_ms(1_700_000_000_500),
+            "2023-11-14T22:13:20.5Z"
+        );
     }
 
     #[test]

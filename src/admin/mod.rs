@@ -5,6 +5,7 @@
 //! state, and so that a flood on the public port cannot starve the operator's view.
 
 mod api;
+pub mod contract;
 pub mod options;
 
 use actix_web::{web, HttpResponse};

@@ -10,11 +10,13 @@ use std::time::Duration;
 use clap::{Args, Subcommand, ValueEnum};
 use comfy_table::{presets, CellAlignment, Table};
 use reqwest::{Method, StatusCode, Url};
+use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::{client_settings, connectable, error_chain, progress_bar, Failure, ServeArgs};
+use crate::admin::contract::{EventDetail, EventList, EventSummary, Redelivered, RedriveStarted};
 
 const TIMES: &str = "Times (--since, --until) read RFC 3339 (2026-11-29T06:00:00Z), Unix \
 seconds, `now`, or an age: 90m, 2h, 7d mean that long ago.";
@@ -255,13 +257,13 @@ impl AdminClient {
         url
     }
 
-    async fn call(
+    async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
         url: Url,
         body: Option<Value>,
         target: Target,
-    ) -> Result<Value, Failure> {
+    ) -> Result<T, Failure> {
         let mut request = self
             .client
             .request(method, url.clone())
@@ -285,24 +287,28 @@ impl AdminClient {
         let text = response.text().await.map_err(|e| {
             Failure::Work(format!("reading the answer of {url}: {}", error_chain(&e)))
         })?;
-        let value = serde_json::from_str::<Value>(&text);
         if status.is_success() {
-            return value.map_err(|_| {
+            return serde_json::from_str::<T>(&text).map_err(|e| {
                 Failure::Work(format!(
-                    "{status} from {url}, but not JSON: {}",
+                    "{status} from {url}, but not the answer expected ({e}): {}",
                     text.chars().take(200).collect::<String>()
                 ))
             });
         }
+        let value = serde_json::from_str::<Value>(&text).ok();
         Err(Failure::Work(error_line(
             status,
-            value.ok().as_ref(),
+            value.as_ref(),
             retry_after,
             target,
         )))
     }
 
-    async fn get(&self, segments: &[&str], query: &[(&str, String)]) -> Result<Value, Failure> {
+    async fn get<T: DeserializeOwned>(
+        &self,
+        segments: &[&str],
+        query: &[(&str, String)],
+    ) -> Result<T, Failure> {
         let mut url = self.url(segments);
         if !query.is_empty() {
             url.query_pairs_mut().extend_pairs(query);
@@ -314,7 +320,11 @@ impl AdminClient {
         self.call(Method::GET, url, None, target).await
     }
 
-    async fn post(&self, segments: &[&str], body: Option<Value>) -> Result<Value, Failure> {
+    async fn post<T: DeserializeOwned>(
+        &self,
+        segments: &[&str],
+        body: Option<Value>,
+    ) -> Result<T, Failure> {
         let target = match segments {
             ["admin", "redrive"] => Target::Collection,
             _ => Target::OneEvent,
@@ -389,18 +399,16 @@ async fn list(admin: &AdminClient, args: &ListArgs) -> Result<(), Failure> {
         true => progress_bar(None, "{spinner} {pos} events listed {elapsed}"),
         false => indicatif::ProgressBar::hidden(),
     };
-    let mut events: Vec<Value> = Vec::new();
+    let mut events: Vec<EventSummary> = Vec::new();
     let mut cursor = args.cursor.clone();
     loop {
         let mut page_query = query.clone();
         if let Some(cursor) = &cursor {
             page_query.push(("cursor", cursor.clone()));
         }
-        let page = admin.get(&["admin", "events"], &page_query).await?;
-        if let Some(page_events) = page["events"].as_array() {
-            events.extend(page_events.iter().cloned());
-        }
-        cursor = page["next_cursor"].as_str().map(str::to_string);
+        let page: EventList = admin.get(&["admin", "events"], &page_query).await?;
+        events.extend(page.events);
+        cursor = page.next_cursor;
         bar.set_position(events.len() as u64);
         if !args.all || cursor.is_none() {
             break;
@@ -408,7 +416,11 @@ async fn list(admin: &AdminClient, args: &ListArgs) -> Result<(), Failure> {
     }
     bar.finish_and_clear();
     if args.json {
-        out!("{}", json!({ "events": events, "next_cursor": cursor }))?;
+        let list = EventList {
+            events,
+            next_cursor: cursor.clone(),
+        };
+        out!("{}", json!(list))?;
     } else if events.is_empty() {
         eprintln!("no events match");
     } else {
@@ -420,7 +432,7 @@ async fn list(admin: &AdminClient, args: &ListArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-fn table(events: &[Value]) -> Table {
+fn table(events: &[EventSummary]) -> Table {
     let mut table = Table::new();
     table.load_preset(presets::NOTHING).set_header([
         "ID",
@@ -433,25 +445,15 @@ fn table(events: &[Value]) -> Table {
         "BYTES",
     ]);
     for event in events {
-        let text = |key: &str| match &event[key] {
-            Value::String(s) => s.clone(),
-            Value::Null => "-".into(),
-            other => other.to_string(),
-        };
-        let redelivered = if event["redelivered"] == Value::Bool(true) {
-            "yes"
-        } else {
-            "no"
-        };
         table.add_row([
-            text("id"),
-            text("event"),
-            text("status"),
-            text("received"),
-            text("published"),
-            text("attempts"),
-            redelivered.to_string(),
-            text("size_bytes"),
+            event.id.clone(),
+            event.event.clone(),
+            event.status.clone(),
+            event.received.clone(),
+            event.published.clone().unwrap_or_else(|| "-".into()),
+            event.attempts.to_string(),
+            yes_no(event.redelivered).into(),
+            event.size_bytes.to_string(),
         ]);
     }
     for column in [5, 7] {
@@ -463,32 +465,29 @@ fn table(events: &[Value]) -> Table {
 }
 
 async fn show(admin: &AdminClient, args: &ShowArgs) -> Result<(), Failure> {
-    let event = admin.get(&["admin", "events", &args.id], &[]).await?;
+    let event: EventDetail = admin.get(&["admin", "events", &args.id], &[]).await?;
     if args.json {
-        out!("{event}")?;
+        out!("{}", json!(event))?;
         return Ok(());
     }
-    let field = |key: &str| match &event[key] {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        Value::Bool(true) => "yes".into(),
-        Value::Bool(false) => "no".into(),
-        other => other.to_string(),
-    };
-    for (label, key) in [
-        ("id", "id"),
-        ("event", "event"),
-        ("status", "status"),
-        ("received", "received"),
-        ("published", "published"),
-        ("attempts", "attempts"),
-        ("redelivered", "redelivered"),
-        ("bytes", "size_bytes"),
+    let s = &event.summary;
+    for (label, value) in [
+        ("id", s.id.clone()),
+        ("event", s.event.clone()),
+        ("status", s.status.clone()),
+        ("received", s.received.clone()),
+        (
+            "published",
+            s.published.clone().unwrap_or_else(|| "-".into()),
+        ),
+        ("attempts", s.attempts.to_string()),
+        ("redelivered", yes_no(s.redelivered).into()),
+        ("bytes", s.size_bytes.to_string()),
     ] {
-        out!("{label:<12} {}", field(key))?;
+        out!("{label:<12} {value}")?;
     }
     out!("")?;
-    match &event["body"] {
+    match &event.body {
         // A body that was not JSON comes as a string: shown as it is.
         Value::String(raw) => out!("{raw}"),
         body => out!(
@@ -499,17 +498,17 @@ async fn show(admin: &AdminClient, args: &ShowArgs) -> Result<(), Failure> {
 }
 
 async fn redeliver(admin: &AdminClient, args: &RedeliverArgs) -> Result<(), Failure> {
-    let answer = admin
+    let answer: Redelivered = admin
         .post(&["admin", "events", &args.id, "redeliver"], None)
         .await?;
     if args.json {
-        out!("{answer}")?;
+        out!("{}", json!(answer))?;
     } else {
         out!(
             "event {} is back in the outbox ({}); it will be published again with \
              x-redelivered: true",
             args.id,
-            answer["status"].as_str().unwrap_or("pending")
+            answer.status
         )?;
     }
     Ok(())
@@ -524,10 +523,10 @@ async fn redrive(admin: &AdminClient, args: &RedriveArgs) -> Result<(), Failure>
     if let Some(event) = &args.event {
         body["event"] = json!(event);
     }
-    let answer = admin.post(&["admin", "redrive"], Some(body)).await?;
-    let matched = answer["matched"].as_u64().unwrap_or(0);
+    let answer: RedriveStarted = admin.post(&["admin", "redrive"], Some(body)).await?;
+    let matched = answer.matched as u64;
     if args.json {
-        out!("{answer}")?;
+        out!("{}", json!(answer))?;
     } else if args.dry_run {
         out!(
             "{matched} published events match from {} to {} (dry run: nothing republished)",
@@ -586,6 +585,14 @@ fn pending_redrive(metrics: &str) -> Option<u64> {
         let value = line.strip_prefix("kallina_relay_redrive_pending_events ")?;
         value.trim().parse::<f64>().ok().map(|v| v.max(0.0) as u64)
     })
+}
+
+fn yes_no(yes: bool) -> &'static str {
+    if yes {
+        "yes"
+    } else {
+        "no"
+    }
 }
 
 #[cfg(test)]

@@ -1,11 +1,12 @@
-//! Every way a webhook request can fail, and the one place that turns each into an answer in
-//! the platform's own error shape: `{"error":{"code","message","details","request_id"}}`.
+//! Every way a webhook request can fail, and what each means on the wire; the platform's
+//! error shape itself is [`crate::http::error`]'s.
 
-use actix_web::http::header::{ALLOW, RETRY_AFTER};
+use actix_web::http::header::ALLOW;
 use actix_web::http::StatusCode;
-use actix_web::HttpResponse;
+use actix_web::HttpResponseBuilder;
 use serde_json::{json, Value};
 
+use crate::http::ApiError;
 use crate::signature::SignatureError;
 
 use super::envelope::PayloadError;
@@ -35,9 +36,9 @@ pub enum IngressError {
     NotFound,
 }
 
-impl IngressError {
-    /// The `error.code`, also the `outcome` label of the metrics.
-    pub fn code(&self) -> &'static str {
+impl ApiError for IngressError {
+    /// Also the `outcome` label of `kallina_relay_webhooks_total`.
+    fn code(&self) -> &'static str {
         match self {
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::RequestTimeout { .. } => "request_timeout",
@@ -52,7 +53,7 @@ impl IngressError {
         }
     }
 
-    pub fn status(&self) -> StatusCode {
+    fn status(&self) -> StatusCode {
         match self {
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
@@ -86,15 +87,18 @@ impl IngressError {
         }
     }
 
-    pub fn to_response(&self, request_id: &str) -> HttpResponse {
-        let mut response = HttpResponse::build(self.status());
+    fn retry_after(&self) -> Option<u32> {
         match self {
             Self::Unavailable {
                 retry_after_seconds,
                 ..
-            } => {
-                response.insert_header((RETRY_AFTER, retry_after_seconds.to_string()));
-            }
+            } => Some(*retry_after_seconds),
+            _ => None,
+        }
+    }
+
+    fn decorate(&self, response: &mut HttpResponseBuilder) {
+        match self {
             Self::MethodNotAllowed => {
                 response.insert_header((ALLOW, "POST"));
             }
@@ -104,23 +108,5 @@ impl IngressError {
             }
             _ => {}
         }
-        response.json(error_body(
-            self.code(),
-            &self.to_string(),
-            self.details(),
-            request_id,
-        ))
     }
-}
-
-/// The platform's error shape, shared by every listener that answers errors.
-pub fn error_body(code: &str, message: &str, details: Value, request_id: &str) -> Value {
-    json!({
-        "error": {
-            "code": code,
-            "message": message,
-            "details": details,
-            "request_id": request_id,
-        }
-    })
 }

@@ -9,13 +9,12 @@ mod connection;
 mod envelope;
 mod error;
 pub mod options;
-mod request_id;
 mod tls;
 
 use std::time::{Duration, Instant, SystemTime};
 
 use actix_web::http::header::{CONTENT_ENCODING, CONTENT_LENGTH};
-use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -24,12 +23,12 @@ use time::OffsetDateTime;
 
 pub use connection::remember as remember_connection;
 pub use envelope::{parse as parse_envelope, Envelope, PayloadError};
-pub use error::{error_body, IngressError};
+pub use error::IngressError;
 pub use options::{IngressOptions, TlsFiles};
-pub use request_id::{assign as assign_request_id, RequestId};
 pub use tls::server_config as tls_server_config;
 
 use crate::config::Secret;
+use crate::http::{respond, ApiError, RequestId};
 use crate::metrics::{event_label, Metrics};
 use crate::shutdown::Shutdown;
 use crate::signature;
@@ -114,7 +113,7 @@ fn answer_error(req: &HttpRequest, ingress: &Ingress, error: IngressError) -> Ht
         .webhooks
         .with_label_values(&["none", error.code()])
         .inc();
-    error.to_response(&RequestId::of(req))
+    respond(&error, &RequestId::of(req))
 }
 
 /// The body of a 2xx answer.
@@ -171,7 +170,7 @@ async fn receive(
             ) {
                 connection::stop_reading(&req);
             }
-            e.to_response(&request_id)
+            respond(e, &request_id)
         }
     };
     let outcome = match &result {
@@ -445,16 +444,6 @@ fn unavailable(reason: String, retry_after_seconds: u32) -> IngressError {
     IngressError::Unavailable {
         reason,
         retry_after_seconds,
-    }
-}
-
-impl RequestId {
-    /// The request's id, as set by [`assign_request_id`].
-    pub fn of(req: &HttpRequest) -> String {
-        req.extensions()
-            .get::<RequestId>()
-            .map(|r| r.0.clone())
-            .unwrap_or_default()
     }
 }
 
