@@ -3,13 +3,15 @@
 //! The modules follow the path of one event:
 //!
 //! ```text
-//! config ─▶ settings (each stage's options) ─┐
-//!         ▼
-//! POST /webhooks/kallina ─▶ ingress ─▶ signature ─▶ store (dedup + outbox, fsync) ─▶ 2xx
+//! config ─▶ settings ─▶ each stage's options (ingress/store/relay/admin `options.rs`)
+//!
+//! POST /webhooks/kallina ─▶ ingress ─▶ signature ─▶ store (dedup + outbox, synced) ─▶ 2xx
 //!                                                     │
 //!                                                     ▼
 //!                                     relay ─▶ RabbitMQ topic exchange (confirms)
-//! admin (metrics, health) reads store, relay and metrics; startup wires it all; cli drives it.
+//!
+//! admin (metrics, health, admin API) reads store, relay and metrics; http is what both
+//! listeners share; startup wires it all and shutdown stops it; cli drives it from a shell.
 //! ```
 
 pub mod admin;

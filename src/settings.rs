@@ -146,7 +146,7 @@ mod tests {
 
     use super::*;
     use crate::config::Secret;
-    use crate::relay::options::{QueueSpec, QueueType};
+    use crate::relay::{QueueSpec, QueueType};
 
     fn layers(env: &[(&str, &str)]) -> Layers {
         Layers {

@@ -14,7 +14,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::protocol::AMQPSoftError;
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Connection, ConnectionProperties};
+use lapin::{Connection, ConnectionProperties, Consumer};
 use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -59,8 +59,49 @@ pub async fn run(args: TailArgs, global: &ServeArgs) -> Result<(), Failure> {
     let shown = redact_url(url);
     // Whatever the broker library puts in its messages, the password must not reach stderr.
     let failed = |what: String, e: lapin::Error| Failure::Work(scrub(&format!("{what}: {e}"), url));
-    let limit = settings.relay.confirm_timeout;
+    let broker = Broker {
+        url,
+        shown: &shown,
+        limit: settings.relay.confirm_timeout,
+        failed: &failed,
+    };
+    let (connection, consumer) = subscribe(&broker, &exchange, &args.pattern).await?;
+    eprintln!(
+        "tailing exchange `{exchange}` on {shown}, bound with {}; Ctrl-C stops",
+        args.pattern.join(", ")
+    );
+    let result = print_deliveries(consumer, args.json, &failed).await;
+    let _ = timeout(
+        Duration::from_secs(2),
+        connection.close(200, "kallina-relay tail stopped".into()),
+    )
+    .await;
+    result
+}
 
+type BrokerFailure<'a> = &'a dyn Fn(String, lapin::Error) -> Failure;
+
+/// Where the broker is, as used and as shown, and how its errors are reported.
+struct Broker<'a> {
+    url: &'a str,
+    shown: &'a str,
+    limit: Duration,
+    failed: BrokerFailure<'a>,
+}
+
+/// A queue of our own (exclusive, deleted with the connection), bound to `exchange` with each
+/// pattern, and a consumer on it.
+async fn subscribe(
+    broker: &Broker<'_>,
+    exchange: &str,
+    patterns: &[String],
+) -> Result<(Connection, Consumer), Failure> {
+    let Broker {
+        url,
+        shown,
+        limit,
+        failed,
+    } = *broker;
     let connection = timeout(
         limit,
         Connection::connect(url, ConnectionProperties::default()),
@@ -89,11 +130,11 @@ pub async fn run(args: TailArgs, global: &ServeArgs) -> Result<(), Failure> {
         )
         .await
         .map_err(|e| failed("cannot declare a queue".into(), e))?;
-    for pattern in &args.pattern {
+    for pattern in patterns {
         channel
             .queue_bind(
                 queue.name().clone(),
-                exchange.as_str().into(),
+                exchange.into(),
                 pattern.as_str().into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
@@ -110,7 +151,7 @@ pub async fn run(args: TailArgs, global: &ServeArgs) -> Result<(), Failure> {
                 }
             })?;
     }
-    let mut consumer = channel
+    let consumer = channel
         .basic_consume(
             queue.name().clone(),
             "kallina-relay-tail".into(),
@@ -123,21 +164,25 @@ pub async fn run(args: TailArgs, global: &ServeArgs) -> Result<(), Failure> {
         )
         .await
         .map_err(|e| failed("cannot consume".into(), e))?;
-    eprintln!(
-        "tailing exchange `{exchange}` on {shown}, bound with {}; Ctrl-C stops",
-        args.pattern.join(", ")
-    );
+    Ok((connection, consumer))
+}
 
+/// Prints each delivery until Ctrl-C, a closed standard output, or the broker ending it.
+async fn print_deliveries(
+    mut consumer: Consumer,
+    json: bool,
+    failed: BrokerFailure<'_>,
+) -> Result<(), Failure> {
     let stop = crate::shutdown::os_signal();
     let closed = stdout_closed();
     tokio::pin!(stop, closed);
-    let result = loop {
+    loop {
         tokio::select! {
             _ = &mut stop => break Ok(()),
             _ = &mut closed => break Ok(()),
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
-                    let text = if args.json { one_line(&delivery.data) } else { line(&delivery) };
+                    let text = if json { one_line(&delivery.data) } else { line(&delivery) };
                     match print(&text) {
                         Ok(()) => {}
                         // The reader is gone (`| head`): what it wanted, it has.
@@ -149,13 +194,7 @@ pub async fn run(args: TailArgs, global: &ServeArgs) -> Result<(), Failure> {
                 None => break Err(Failure::Work("the broker ended the subscription".into())),
             }
         }
-    };
-    let _ = timeout(
-        Duration::from_secs(2),
-        connection.close(200, "kallina-relay tail stopped".into()),
-    )
-    .await;
-    result
+    }
 }
 
 fn print(text: &str) -> std::io::Result<()> {

@@ -31,7 +31,7 @@ use tokio::time::{sleep, timeout};
 
 pub use options::RelayOptions;
 pub use status::{BrokerState, BrokerStatus};
-pub use topology::{refused_with, Topology, TopologyError};
+pub use topology::{refused_with, QueueSpec, QueueType, Topology, TopologyError};
 
 use crate::config::redact_url;
 use crate::metrics::{event_label, Metrics};

@@ -3,9 +3,7 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
-
-use super::topology::Topology;
+use super::topology::{QueueSpec, Topology};
 use crate::config::{ConfigError, Secret, Setting, Spec, Values};
 
 pub const AMQP_URL: Setting<Secret> = Setting::new(
@@ -83,29 +81,6 @@ pub const SETTINGS: &[&Spec] = &[
     &CONFIRM_TIMEOUT.spec,
     &QUEUES.spec,
 ];
-
-/// RabbitMQ queue type of a consumer queue declared from the configuration file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum QueueType {
-    Classic,
-    Quorum,
-}
-
-/// A consumer queue the relay declares and binds at start: `[[queues]]` in the file.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct QueueSpec {
-    pub name: String,
-    #[serde(default)]
-    pub bindings: Vec<String>,
-    #[serde(default = "classic", rename = "type")]
-    pub queue_type: QueueType,
-}
-
-fn classic() -> QueueType {
-    QueueType::Classic
-}
 
 /// How the relay publishes.
 #[derive(Debug, Clone)]

@@ -10,9 +10,31 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, ExchangeKind};
+use serde::Deserialize;
 use tokio::time::timeout;
 
-use super::options::{QueueSpec, QueueType};
+/// RabbitMQ queue type of a consumer queue declared from the configuration file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    Classic,
+    Quorum,
+}
+
+/// A consumer queue the relay declares and binds at start: `[[queues]]` in the file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSpec {
+    pub name: String,
+    #[serde(default)]
+    pub bindings: Vec<String>,
+    #[serde(default = "classic", rename = "type")]
+    pub queue_type: QueueType,
+}
+
+fn classic() -> QueueType {
+    QueueType::Classic
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
@@ -34,56 +56,11 @@ pub struct Topology {
 
 impl Topology {
     pub async fn declare(&self, channel: &Channel, limit: Duration) -> Result<(), TopologyError> {
-        let durable_exchange = ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        let durable_queue = QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-
-        let unrouted = &self.unrouted_exchange;
-        let what = format!("fanout exchange `{unrouted}`");
-        run(
-            &what,
-            limit,
-            channel.exchange_declare(
-                unrouted.as_str().into(),
-                ExchangeKind::Fanout,
-                durable_exchange,
-                FieldTable::default(),
-            ),
-        )
-        .await?;
-        let what = format!("queue `{unrouted}`");
-        run(
-            &what,
-            limit,
-            channel.queue_declare(
-                unrouted.as_str().into(),
-                durable_queue,
-                FieldTable::default(),
-            ),
-        )
-        .await?;
-        run(
-            &what,
-            limit,
-            channel.queue_bind(
-                unrouted.as_str().into(),
-                unrouted.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            ),
-        )
-        .await?;
-
+        self.declare_unrouted(channel, limit).await?;
         let mut arguments = FieldTable::default();
         arguments.insert(
             "alternate-exchange".into(),
-            AMQPValue::LongString(LongString::from(unrouted.as_str())),
+            AMQPValue::LongString(LongString::from(self.unrouted_exchange.as_str())),
         );
         let what = format!("topic exchange `{}`", self.exchange);
         run(
@@ -92,47 +69,113 @@ impl Topology {
             channel.exchange_declare(
                 self.exchange.as_str().into(),
                 ExchangeKind::Topic,
-                durable_exchange,
+                DURABLE_EXCHANGE,
                 arguments,
             ),
         )
         .await?;
-
         for queue in &self.queues {
-            let mut arguments = FieldTable::default();
-            let kind = match queue.queue_type {
-                QueueType::Classic => "classic",
-                QueueType::Quorum => "quorum",
-            };
-            arguments.insert(
-                "x-queue-type".into(),
-                AMQPValue::LongString(LongString::from(kind)),
-            );
-            let what = format!("queue `{}`", queue.name);
+            self.declare_queue(channel, limit, queue).await?;
+        }
+        Ok(())
+    }
+
+    /// The fanout exchange and its queue that catch what no binding routes.
+    async fn declare_unrouted(
+        &self,
+        channel: &Channel,
+        limit: Duration,
+    ) -> Result<(), TopologyError> {
+        let unrouted = self.unrouted_exchange.as_str();
+        let what = format!("fanout exchange `{unrouted}`");
+        run(
+            &what,
+            limit,
+            channel.exchange_declare(
+                unrouted.into(),
+                ExchangeKind::Fanout,
+                DURABLE_EXCHANGE,
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        let what = format!("queue `{unrouted}`");
+        run(
+            &what,
+            limit,
+            channel.queue_declare(unrouted.into(), DURABLE_QUEUE, FieldTable::default()),
+        )
+        .await?;
+        run(
+            &what,
+            limit,
+            channel.queue_bind(
+                unrouted.into(),
+                unrouted.into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// A consumer queue of the file, of its type, with its bindings on the topic exchange.
+    async fn declare_queue(
+        &self,
+        channel: &Channel,
+        limit: Duration,
+        queue: &QueueSpec,
+    ) -> Result<(), TopologyError> {
+        let mut arguments = FieldTable::default();
+        let kind = match queue.queue_type {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        };
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from(kind)),
+        );
+        let what = format!("queue `{}`", queue.name);
+        run(
+            &what,
+            limit,
+            channel.queue_declare(queue.name.as_str().into(), DURABLE_QUEUE, arguments),
+        )
+        .await?;
+        for binding in &queue.bindings {
             run(
                 &what,
                 limit,
-                channel.queue_declare(queue.name.as_str().into(), durable_queue, arguments),
+                channel.queue_bind(
+                    queue.name.as_str().into(),
+                    self.exchange.as_str().into(),
+                    binding.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                ),
             )
             .await?;
-            for binding in &queue.bindings {
-                run(
-                    &what,
-                    limit,
-                    channel.queue_bind(
-                        queue.name.as_str().into(),
-                        self.exchange.as_str().into(),
-                        binding.as_str().into(),
-                        QueueBindOptions::default(),
-                        FieldTable::default(),
-                    ),
-                )
-                .await?;
-            }
         }
         Ok(())
     }
 }
+
+const DURABLE_EXCHANGE: ExchangeDeclareOptions = ExchangeDeclareOptions {
+    passive: false,
+    durable: true,
+    auto_delete: false,
+    internal: false,
+    nowait: false,
+};
+const DURABLE_QUEUE: QueueDeclareOptions = QueueDeclareOptions {
+    passive: false,
+    durable: true,
+    exclusive: false,
+    auto_delete: false,
+    nowait: false,
+};
 
 /// The broker's reason when it refused an operation by closing the channel (404 not found,
 /// 406 precondition failed, …), read from the error's kind rather than its text.
