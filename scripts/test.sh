@@ -12,6 +12,9 @@ if ! command -v strace >/dev/null 2>&1; then
         exit 1
     fi
 fi
+# tests/api/replicas.rs runs relays behind the shipped nginx config (nginx from Debian's package).
+KALLINA_TEST_NGINX=$(scripts/ensure-nginx.sh)
+export KALLINA_TEST_NGINX
 # tests/api/consumers.rs runs the Python example consumer.
 python3 -c 'import pika' 2>/dev/null || python3 -m pip install --quiet -r examples/consumers/python/requirements.txt
 cargo test --locked "$@"

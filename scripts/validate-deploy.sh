@@ -66,17 +66,8 @@ promtool_bin() {
 }
 
 nginx_bin() {
-  local bin=$cache/nginx/usr/sbin/nginx
-  if [ ! -x "$bin" ]; then
-    have_apt || skip "no apt-get to fetch Debian's nginx package"
-    deb_extract nginx "$cache/nginx" ./usr/sbin/nginx >&2
-  fi
-  # The libraries nginx links against are on most Debian machines already; if not, they are
-  # plain libraries whose installation starts nothing.
-  if ldd "$bin" | grep -q 'not found'; then
-    as_root apt-get install -y -qq --no-install-recommends libcrypt1 libpcre2-8-0 libssl3 zlib1g >&2
-  fi
-  echo "$bin"
+  have_apt || [ -x "$cache/nginx/usr/sbin/nginx" ] || skip "no apt-get to fetch Debian's nginx package"
+  KALLINA_NGINX_CACHE=$cache/nginx scripts/ensure-nginx.sh
 }
 
 python_ready() {

@@ -3,7 +3,12 @@
 //! The platform's own sample compares the strings with `===`, which leaks through timing how
 //! many leading characters matched. Here the hex is decoded first and the MAC compared with
 //! `verify_slice` (constant time), against each configured secret so that a rotation can run
-//! with the old and the new secret side by side. Upper-case hex is accepted as well.
+//! with the old and the new secret side by side.
+//!
+//! Only the lowercase hex the platform sends is accepted. Its own sample compares exact
+//! strings, and the shipped proxies route replicas by hashing the header as sent (they cannot
+//! lower-case it first): accepting `ABC…` as well would let the same event, its digest
+//! re-cased, reach a replica that never saw it and be published twice.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -24,7 +29,7 @@ pub enum SignatureError {
     Missing,
     #[error("the signature header does not start with `sha256=`")]
     WrongScheme,
-    #[error("the signature is not 64 hexadecimal digits")]
+    #[error("the signature is not 64 lowercase hexadecimal digits")]
     Malformed,
     #[error("the signature does not match the body with any configured secret")]
     Mismatch,
@@ -68,12 +73,13 @@ pub fn verify(
         .ok_or(SignatureError::Mismatch)
 }
 
-/// `sha256=` followed by exactly 64 hex digits, either case, nothing else (no spaces).
+/// `sha256=` followed by exactly 64 lowercase hex digits, nothing else (no spaces).
 pub fn parse_header(header: &[u8]) -> Result<[u8; 32], SignatureError> {
     let hex_digits = header
         .strip_prefix(PREFIX.as_bytes())
         .ok_or(SignatureError::WrongScheme)?;
-    if hex_digits.len() != HEX_LEN {
+    let lowercase_hex = |b: &u8| matches!(b, b'0'..=b'9' | b'a'..=b'f');
+    if hex_digits.len() != HEX_LEN || !hex_digits.iter().all(lowercase_hex) {
         return Err(SignatureError::Malformed);
     }
     let mut digest = [0u8; 32];
@@ -98,8 +104,15 @@ mod tests {
         );
         let s = secrets(&["It's a Secret to Everybody"]);
         assert_eq!(verify(&s, Some(header.as_bytes()), b"Hello, World!"), Ok(0));
+        // The same digest re-cased is another header, which a proxy would route elsewhere.
         let upper = format!("sha256={}", header[7..].to_ascii_uppercase());
-        assert_eq!(verify(&s, Some(upper.as_bytes()), b"Hello, World!"), Ok(0));
+        let mixed = format!("sha256=A{}", &header[8..]);
+        for recased in [upper, mixed] {
+            assert_eq!(
+                verify(&s, Some(recased.as_bytes()), b"Hello, World!"),
+                Err(SignatureError::Malformed)
+            );
+        }
     }
 
     #[test]

@@ -10,5 +10,6 @@ mod durability;
 mod helpers;
 mod hostile;
 mod relay;
+mod replicas;
 mod tls;
 mod webhook;

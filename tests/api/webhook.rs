@@ -194,18 +194,22 @@ async fn signature_failures_say_why() {
         assert_eq!(error["details"]["reason"], reason, "{header}");
     }
 
-    // Upper-case hex is the same signature.
+    // The digest re-cased is refused: a proxy hashing the header would route it to a replica
+    // that never saw the original.
     let upper = format!("sha256={}", good[7..].to_ascii_uppercase());
-    assert_eq!(
+    let (status, error) = error_of(
         app.post(
             body.clone().into_bytes(),
-            &[("X-Kallina-Signature", &upper)]
+            &[("X-Kallina-Signature", &upper)],
         )
-        .await
-        .status()
-        .as_u16(),
-        202
+        .await,
+    )
+    .await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (401, Some("invalid_signature"))
     );
+    assert_eq!(error["details"]["reason"], "malformed_digest");
 
     // Two signature headers are ambiguous, even if one is right.
     let response = app
