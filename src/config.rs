@@ -23,6 +23,11 @@ use std::time::Duration;
 /// Environment variable naming the TOML configuration file (same as `--config`).
 pub const CONFIG_FILE_ENV: &str = "KALLINA_RELAY_CONFIG";
 
+/// The longest duration any setting takes: a hundred years. Anything longer would overflow
+/// clock arithmetic somewhere (an `Instant` plus an interval, a receive time in milliseconds
+/// minus a retention), and none is useful.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// What is known about a setting besides its type: where it can be set and how it is shown.
 #[derive(Debug, Clone, Copy)]
 pub struct Spec {
@@ -326,8 +331,14 @@ impl<'a> Field<'a> {
     }
 
     pub fn duration(&self) -> Result<Duration, ConfigError> {
-        parse_duration(self.non_empty()?)
-            .ok_or_else(|| self.invalid("a duration such as 90s, 5m, 24h or 7d"))
+        match parse_duration(self.non_empty()?) {
+            None => Err(self.invalid("a duration such as 90s, 5m, 24h or 7d")),
+            Some(d) if d > MAX_DURATION => Err(self.invalid(
+                "a duration of at most 100 years (36500d): longer ones overflow the clock \
+                 arithmetic and none is useful",
+            )),
+            Some(d) => Ok(d),
+        }
     }
 
     /// A duration that must not be zero (an interval, a timeout).

@@ -220,10 +220,50 @@ mod tests {
             ("KALLINA_RELAY_TOLERANCE", &huge),
         ]))
         .unwrap_err();
-        assert!(
-            err.to_string().contains("KALLINA_RELAY_DEDUP_RETENTION"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("KALLINA_RELAY_TOLERANCE"), "{err}");
+        assert!(err.to_string().contains("at most 100 years"), "{err}");
+    }
+
+    #[test]
+    fn every_duration_is_taken_up_to_a_hundred_years_and_refused_beyond() {
+        let at_most = "36500d";
+        let beyond = "36500d 1s";
+        for setting in [
+            "TOLERANCE",
+            "FUTURE_SKEW",
+            "DEDUP_RETENTION",
+            "ARCHIVE_RETENTION",
+            "SWEEP_INTERVAL",
+            "BODY_TIMEOUT",
+            "CONFIRM_TIMEOUT",
+            "SHUTDOWN_GRACE",
+        ] {
+            let env = format!("KALLINA_RELAY_{setting}");
+            // The dedup retention must cover the window, so it takes the longest value too.
+            let load = |value: &str| {
+                Settings::load(&layers(&[
+                    ("KALLINA_WEBHOOK_SECRET", "s"),
+                    ("KALLINA_RELAY_DEDUP_RETENTION", at_most),
+                    (env.as_str(), value),
+                ]))
+            };
+            if setting != "TOLERANCE" && setting != "FUTURE_SKEW" {
+                assert!(load(at_most).is_ok(), "{setting} = {at_most}");
+            }
+            let err = load(beyond).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Invalid { env: e, .. } if *e == env),
+                "{setting}: {err}"
+            );
+        }
+        // The window may reach the edge as long as the retention covers it.
+        assert!(Settings::load(&layers(&[
+            ("KALLINA_WEBHOOK_SECRET", "s"),
+            ("KALLINA_RELAY_TOLERANCE", "18250d"),
+            ("KALLINA_RELAY_FUTURE_SKEW", "18250d"),
+            ("KALLINA_RELAY_DEDUP_RETENTION", at_most),
+        ]))
+        .is_ok());
     }
 
     #[test]

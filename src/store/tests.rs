@@ -90,6 +90,12 @@ async fn the_sweeper_expires_only_old_keys() {
     let now = unix_millis(SystemTime::now());
     store.accept(record("old", now - 3_600_000)).await.unwrap();
     store.accept(record("new", now)).await.unwrap();
+    // The longest retention the settings take, and one far past it, sweep nothing: the cutoff
+    // saturates instead of wrapping round to a recent time (`as_millis() as u64` did).
+    for retention in [crate::config::MAX_DURATION, Duration::MAX] {
+        assert_eq!(store.sweep_expired(retention).unwrap(), 0);
+        assert_eq!(store.sweep_archive(retention).unwrap(), 0);
+    }
     assert_eq!(store.sweep_expired(Duration::from_secs(60)).unwrap(), 1);
     assert_eq!(store.stats().dedup_keys, 1);
     assert!(matches!(
