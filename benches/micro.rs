@@ -65,6 +65,7 @@ fn store_commit_batch(c: &mut Criterion) {
                             body: body.clone(),
                             redelivered: false,
                             attempts_before: 0,
+                            delivery_id: None,
                         }
                     })
                     .collect::<Vec<_>>()

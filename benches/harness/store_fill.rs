@@ -31,6 +31,7 @@ pub(crate) async fn prefill(dir: &Path, count: u64) -> Result<u64> {
                         body: body.clone(),
                         redelivered: false,
                         attempts_before: 0,
+                        delivery_id: None,
                     };
                     store.accept(record).await?;
                 }

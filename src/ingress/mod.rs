@@ -32,7 +32,7 @@ use crate::http::{respond, ApiError, RequestId};
 use crate::metrics::{event_label, Metrics};
 use crate::shutdown::Shutdown;
 use crate::signature;
-use crate::store::{unix_millis, OutboxRecord, Store, StoreError, Stored};
+use crate::store::{dedup_keys, unix_millis, OutboxRecord, Store, StoreError, Stored};
 
 /// The webhook path the platform posts to.
 pub const WEBHOOK_PATH: &str = "/webhooks/kallina";
@@ -126,7 +126,10 @@ struct Answer<'a> {
 /// The event as it came in and was checked, before the store.
 struct Verified<'a> {
     envelope: Envelope<'a>,
+    /// The SHA-256 of the body: always a dedup key, and the `message_id`.
     key: String,
+    /// The delivery-id header's value, where configured and present: a second dedup key.
+    delivery_id: Option<String>,
 }
 
 async fn receive(
@@ -248,7 +251,8 @@ async fn handle(
         return Handled::refused(Some(event), e);
     }
     // A platform retry of something already on disk: answered before any copy is made.
-    match ingress.store.is_durable_duplicate(&verified.key) {
+    let keys = dedup_keys(&verified.key, verified.delivery_id.as_deref());
+    match ingress.store.is_durable_duplicate(&keys) {
         Ok(true) => {
             return Handled {
                 event: Some(event),
@@ -276,6 +280,7 @@ async fn handle(
         body: body.to_vec(),
         redelivered: false,
         attempts_before: 0,
+        delivery_id: verified.delivery_id,
     };
     let commit_started = Instant::now();
     let key = record.key.clone();
@@ -338,7 +343,7 @@ fn verify<'a>(
 
     let envelope = parse_envelope(body).map_err(|e| fail(IngressError::InvalidPayload(e)))?;
     let event = Some(envelope.event.to_string());
-    let key = dedup_key(req, body, ingress.id_header.as_deref())
+    let delivery_id = delivery_id(req, ingress.id_header.as_deref())
         .map_err(|e| (event.clone(), IngressError::InvalidPayload(e)))?;
     check_window(
         envelope.timestamp,
@@ -347,7 +352,11 @@ fn verify<'a>(
         ingress.future_skew,
     )
     .map_err(|e| (event, e))?;
-    Ok(Verified { envelope, key })
+    Ok(Verified {
+        envelope,
+        key: hex::encode(Sha256::digest(body)),
+        delivery_id,
+    })
 }
 
 fn check_window(
@@ -385,28 +394,25 @@ fn check_window(
     })
 }
 
-/// The delivery id header where configured and present; else the SHA-256 of the body.
-fn dedup_key(
-    req: &HttpRequest,
-    body: &[u8],
-    id_header: Option<&str>,
-) -> Result<String, PayloadError> {
-    if let Some(name) = id_header {
-        if let Some(value) = req.headers().get(name) {
-            let value = value.as_bytes();
-            let printable = value.iter().all(|b| (0x20..0x7f).contains(b));
-            if value.is_empty() || value.len() > MAX_ID_LEN || !printable {
-                return Err(PayloadError {
-                    field: "id_header",
-                    reason: format!(
-                        "the `{name}` header must be 1 to {MAX_ID_LEN} printable ASCII characters"
-                    ),
-                });
-            }
-            return Ok(String::from_utf8_lossy(value).into_owned());
-        }
+/// The delivery-id header's value, where configured and present. It is a second dedup key, never
+/// the only one: the signature does not cover it, so a replay with a new id (or none) must still
+/// be recognised by its body.
+fn delivery_id(req: &HttpRequest, id_header: Option<&str>) -> Result<Option<String>, PayloadError> {
+    let Some(value) = id_header.and_then(|name| req.headers().get(name)) else {
+        return Ok(None);
+    };
+    let value = value.as_bytes();
+    let printable = value.iter().all(|b| (0x20..0x7f).contains(b));
+    if value.is_empty() || value.len() > MAX_ID_LEN || !printable {
+        return Err(PayloadError {
+            field: "id_header",
+            reason: format!(
+                "the `{}` header must be 1 to {MAX_ID_LEN} printable ASCII characters",
+                id_header.unwrap_or_default()
+            ),
+        });
     }
-    Ok(hex::encode(Sha256::digest(body)))
+    Ok(Some(String::from_utf8_lossy(value).into_owned()))
 }
 
 /// Reads the body, refusing it as soon as it exceeds `limit`, whether or not a length was sent.
@@ -457,29 +463,29 @@ mod tests {
         use proptest::prelude::*;
 
         proptest! {
-            /// Whatever the header holds, the key is refused or fits the store: at most
-            /// MAX_ID_LEN printable bytes (the store's key lists prefix each key with one byte
-            /// of length), and without the header it is the body's SHA-256 in lowercase hex.
+            /// Whatever the header holds, the delivery id is refused or its key fits the store:
+            /// the id at most MAX_ID_LEN printable bytes, its key with the prefix at most 255
+            /// (the store's key lists prefix each key with one byte of length).
             #[test]
-            fn any_delivery_id_and_body_give_a_key_that_fits_or_a_refusal(
+            fn any_delivery_id_gives_a_key_that_fits_or_a_refusal(
                 header in proptest::collection::vec(any::<u8>(), 0..300),
-                body in proptest::collection::vec(any::<u8>(), 0..256),
             ) {
                 let mut req = actix_web::test::TestRequest::default();
                 if let Ok(value) = HeaderValue::from_bytes(&header) {
                     req = req.insert_header(("x-delivery", value));
                 }
                 let req = req.to_http_request();
-                match dedup_key(&req, &body, Some("x-delivery")) {
-                    Ok(key) => {
-                        prop_assert!(!key.is_empty() && key.len() <= MAX_ID_LEN);
-                        prop_assert!(key.bytes().all(|b| (0x20..0x7f).contains(&b)));
+                match delivery_id(&req, Some("x-delivery")) {
+                    Ok(Some(id)) => {
+                        prop_assert!(!id.is_empty() && id.len() <= MAX_ID_LEN);
+                        prop_assert!(id.bytes().all(|b| (0x20..0x7f).contains(&b)));
+                        let keys = dedup_keys(&"0".repeat(64), Some(&id));
+                        prop_assert!(keys.iter().all(|k| k.len() <= 255));
                     }
+                    Ok(None) => prop_assert!(HeaderValue::from_bytes(&header).is_err()),
                     Err(e) => prop_assert_eq!(e.field, "id_header"),
                 }
-                let key = dedup_key(&req, &body, None).unwrap();
-                prop_assert_eq!(key.len(), 64);
-                prop_assert!(key.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+                prop_assert_eq!(delivery_id(&req, None).unwrap(), None);
             }
         }
     }

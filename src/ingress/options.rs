@@ -92,10 +92,10 @@ pub const ID_HEADER: Setting<Option<String>> = Setting::new(
     Spec::new(
         "id_header",
         "KALLINA_RELAY_ID_HEADER",
-        "header whose value is the dedup key when present",
+        "header whose value is a second dedup key beside the body's SHA-256",
     )
     .flag()
-    .note("unset: key = SHA-256 of the body"),
+    .note("unset: the SHA-256 of the body is the only key"),
     |f| match f.optional() {
         None => Ok(None),
         Some(v) if actix_web::http::header::HeaderName::try_from(v).is_ok() => {

@@ -427,6 +427,9 @@ fn properties(record: &OutboxRecord) -> BasicProperties {
         &received.format(&Rfc3339).unwrap_or_default(),
     );
     header("x-source", &record.source);
+    if let Some(id) = &record.delivery_id {
+        header("x-delivery-id", id);
+    }
     if record.redelivered {
         headers.insert("x-redelivered".into(), AMQPValue::Boolean(true));
     }
@@ -490,6 +493,7 @@ mod tests {
             body: b"{}".to_vec(),
             redelivered: false,
             attempts_before: 0,
+            delivery_id: None,
         };
         let p = properties(&record);
         assert_eq!(p.delivery_mode(), &Some(2));

@@ -194,6 +194,7 @@ mod tests {
             body: b"{}".to_vec(),
             redelivered: false,
             attempts_before: 0,
+            delivery_id: None,
         };
         let entry = encode_archived(7, 3, &record.encode());
         let archived = decode_archived(&entry).unwrap();

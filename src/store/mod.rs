@@ -49,7 +49,7 @@ pub use error::StoreError;
 pub use maintenance::Confirmed;
 pub use options::StoreOptions;
 pub use queries::{EventPage, EventQuery, EventStatus, EventView, OutboxEntry, StoreStats};
-pub use record::{OutboxRecord, RecordError};
+pub use record::{dedup_keys, OutboxRecord, RecordError};
 pub use writer::{Redelivery, Stored};
 
 use database::Slot;
@@ -94,14 +94,15 @@ impl Store {
         })
     }
 
-    /// True if `key` was stored before and that write is already on disk.
-    pub fn is_durable_duplicate(&self, key: &str) -> Result<bool, StoreError> {
-        queries::is_durable_duplicate(&self.inner.slot, key)
+    /// True if one of `keys` (see [`dedup_keys`]) was stored before and that write is already
+    /// on disk.
+    pub fn is_durable_duplicate(&self, keys: &[String]) -> Result<bool, StoreError> {
+        queries::is_durable_duplicate(&self.inner.slot, keys)
     }
 
-    /// Stores `record` under its dedup key, once, and returns when that is durable.
+    /// Stores `record` under its dedup keys, once, and returns when that is durable.
     pub async fn accept(&self, record: OutboxRecord) -> Result<Stored, StoreError> {
-        if self.is_durable_duplicate(&record.key)? {
+        if self.is_durable_duplicate(&record.dedup_keys())? {
             return Ok(Stored::Duplicate);
         }
         self.inner.writer.accept(record).await
@@ -128,10 +129,11 @@ impl Store {
         maintenance::archive_published(&self.inner.slot, confirmed)
     }
 
-    /// The event whose dedup key (the AMQP `message_id`) is `id`, wherever it is. Blocking.
+    /// The event whose `message_id` (its body's hash) or delivery id is `id`, wherever it is.
+    /// Blocking.
     pub fn find_event(&self, id: &str) -> Result<Option<EventView>, StoreError> {
         let database = self.inner.slot.database()?;
-        match queries::seq_of_key(&database, id)? {
+        match queries::seq_of_id(&database, id)? {
             Some(seq) => queries::event_at(&database, seq),
             None => Ok(None),
         }
@@ -149,7 +151,7 @@ impl Store {
 
     /// Puts the event `id` back into the outbox, to be published again.
     pub async fn redeliver_event(&self, id: &str) -> Result<Redelivery, StoreError> {
-        let seq = queries::seq_of_key(&*self.inner.slot.database()?, id)?;
+        let seq = queries::seq_of_id(&*self.inner.slot.database()?, id)?;
         let Some(seq) = seq else {
             return Ok(Redelivery::Missing);
         };

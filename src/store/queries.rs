@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 use super::codec::{decode_archived, seq_key, seq_of, unix_millis, DedupEntry};
 use super::database::{Database, Slot};
 use super::error::StoreError;
-use super::record::{OutboxRecord, RecordError};
+use super::record::{delivery_key, OutboxRecord, RecordError};
 
 /// Most records one page of [`list_events`] reads, matching or not.
 const SCAN_LIMIT: usize = 10_000;
@@ -128,14 +128,29 @@ pub fn seq_of_key(database: &Database, key: &str) -> Result<Option<u64>, StoreEr
         .map(|entry| entry.seq))
 }
 
-/// True if `key` was stored before and that write is already on disk: a retry that needs
-/// nothing written and nothing waited for.
-pub fn is_durable_duplicate(slot: &Slot, key: &str) -> Result<bool, StoreError> {
-    let found = seq_of_key(&*slot.database()?, key).inspect_err(|_| {
-        // sled fails every operation after an I/O error: readiness must say so at once.
-        slot.writable.store(false, Ordering::Release);
-    })?;
-    Ok(found.is_some_and(|seq| seq <= *slot.durable.borrow()) && slot.is_writable())
+/// The sequence number of the event an operator names by its `message_id` or its delivery id.
+pub fn seq_of_id(database: &Database, id: &str) -> Result<Option<u64>, StoreError> {
+    match seq_of_key(database, id)? {
+        Some(seq) => Ok(Some(seq)),
+        None => seq_of_key(database, &delivery_key(id)),
+    }
+}
+
+/// True if one of `keys` was stored before and that write is already on disk: a retry that
+/// needs nothing written and nothing waited for.
+pub fn is_durable_duplicate(slot: &Slot, keys: &[String]) -> Result<bool, StoreError> {
+    let database = slot.database()?;
+    let durable = *slot.durable.borrow();
+    for key in keys {
+        let found = seq_of_key(&database, key).inspect_err(|_| {
+            // sled fails every operation after an I/O error: readiness must say so at once.
+            slot.writable.store(false, Ordering::Release);
+        })?;
+        if found.is_some_and(|seq| seq <= durable) {
+            return Ok(slot.is_writable());
+        }
+    }
+    Ok(false)
 }
 
 /// Up to `limit` durable outbox records with sequence numbers above `after`, oldest first.

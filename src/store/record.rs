@@ -3,15 +3,20 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Bumped when the layout changes, so that an unknown layout is refused, not misread. Version 1
-/// (before redelivery) is still read.
-const FORMAT_VERSION: u8 = 2;
+/// Bumped when the layout changes, so that an unknown layout is refused, not misread. Versions 1
+/// (before redelivery) and 2 (before the delivery id) are still read.
+const FORMAT_VERSION: u8 = 3;
 const FORMAT_VERSION_1: u8 = 1;
+const FORMAT_VERSION_2: u8 = 2;
+
+/// Prefix of a delivery id's dedup key, so that an id can never equal a body's hash.
+const DELIVERY_ID_PREFIX: &str = "id:";
 
 /// One accepted event waiting in the outbox for the broker's confirm.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxRecord {
-    /// Dedup key: SHA-256 of the body (hex) or the delivery-id header. Becomes `message_id`.
+    /// The SHA-256 of the body (hex): always a dedup key, because the signature covers the body.
+    /// Becomes `message_id`.
     pub key: String,
     /// The envelope's `event`, the routing key.
     pub event: String,
@@ -28,6 +33,40 @@ pub struct OutboxRecord {
     pub redelivered: bool,
     /// Publish attempts made before this record was put back, so the admin API can count all.
     pub attempts_before: u32,
+    /// The delivery-id header's value, where `id_header` is configured and the request had one:
+    /// a second dedup key (a request is a duplicate if either was seen), sent as
+    /// `x-delivery-id`.
+    pub delivery_id: Option<String>,
+}
+
+/// The version-2 layout: no delivery id (its key was the id when one was configured).
+#[derive(Deserialize)]
+struct OutboxRecordV2 {
+    key: String,
+    event: String,
+    signature: String,
+    received_at_ms: u64,
+    source: String,
+    #[serde(with = "serde_bytes")]
+    body: Vec<u8>,
+    redelivered: bool,
+    attempts_before: u32,
+}
+
+impl From<OutboxRecordV2> for OutboxRecord {
+    fn from(v2: OutboxRecordV2) -> Self {
+        Self {
+            key: v2.key,
+            event: v2.event,
+            signature: v2.signature,
+            received_at_ms: v2.received_at_ms,
+            source: v2.source,
+            body: v2.body,
+            redelivered: v2.redelivered,
+            attempts_before: v2.attempts_before,
+            delivery_id: None,
+        }
+    }
 }
 
 /// The version-1 layout: no redelivery fields.
@@ -53,11 +92,17 @@ impl From<OutboxRecordV1> for OutboxRecord {
             body: v1.body,
             redelivered: false,
             attempts_before: 0,
+            delivery_id: None,
         }
     }
 }
 
 impl OutboxRecord {
+    /// Every dedup key of the event: the body's hash, and its delivery id if it has one.
+    pub fn dedup_keys(&self) -> Vec<String> {
+        dedup_keys(&self.key, self.delivery_id.as_deref())
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![FORMAT_VERSION];
         postcard::to_io(self, &mut out).expect("writing to a Vec cannot fail");
@@ -69,6 +114,9 @@ impl OutboxRecord {
             Some((&FORMAT_VERSION, rest)) => {
                 postcard::from_bytes(rest).map_err(|e| RecordError::Corrupt(e.to_string()))
             }
+            Some((&FORMAT_VERSION_2, rest)) => postcard::from_bytes::<OutboxRecordV2>(rest)
+                .map(Self::from)
+                .map_err(|e| RecordError::Corrupt(e.to_string())),
             Some((&FORMAT_VERSION_1, rest)) => postcard::from_bytes::<OutboxRecordV1>(rest)
                 .map(Self::from)
                 .map_err(|e| RecordError::Corrupt(e.to_string())),
@@ -76,6 +124,18 @@ impl OutboxRecord {
             None => Err(RecordError::Corrupt("empty record".into())),
         }
     }
+}
+
+/// The dedup keys of an event with this body hash and delivery id.
+pub fn dedup_keys(key: &str, delivery_id: Option<&str>) -> Vec<String> {
+    std::iter::once(key.to_string())
+        .chain(delivery_id.map(delivery_key))
+        .collect()
+}
+
+/// The dedup key a delivery id is stored under.
+pub fn delivery_key(delivery_id: &str) -> String {
+    format!("{DELIVERY_ID_PREFIX}{delivery_id}")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,8 +161,10 @@ mod tests {
             body: b"{\"event\":\"call.ended\",  \"data\":{\"x\":\"\xc8\x99\"}}".to_vec(),
             redelivered: true,
             attempts_before: 3,
+            delivery_id: Some("d-1".into()),
         };
         assert_eq!(OutboxRecord::decode(&record.encode()).unwrap(), record);
+        assert_eq!(record.dedup_keys(), ["ab".repeat(32), "id:d-1".to_string()]);
     }
 
     #[test]
@@ -133,6 +195,37 @@ mod tests {
             ("k", &b"{}"[..])
         );
         assert!(!record.redelivered);
+    }
+
+    #[test]
+    fn a_version_2_record_is_still_read() {
+        #[derive(Serialize)]
+        struct V2<'a> {
+            key: &'a str,
+            event: &'a str,
+            signature: &'a str,
+            received_at_ms: u64,
+            source: &'a str,
+            #[serde(with = "serde_bytes")]
+            body: &'a [u8],
+            redelivered: bool,
+            attempts_before: u32,
+        }
+        let mut bytes = vec![FORMAT_VERSION_2];
+        let v2 = V2 {
+            key: "k",
+            event: "call.started",
+            signature: "sha256=00",
+            received_at_ms: 7,
+            source: "s",
+            body: b"{}",
+            redelivered: true,
+            attempts_before: 2,
+        };
+        postcard::to_io(&v2, &mut bytes).unwrap();
+        let record = OutboxRecord::decode(&bytes).unwrap();
+        assert_eq!((record.redelivered, record.attempts_before), (true, 2));
+        assert_eq!(record.delivery_id, None);
     }
 
     #[test]

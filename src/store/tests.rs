@@ -31,6 +31,7 @@ fn record_of(key: &str, event: &str, received_at_ms: u64) -> OutboxRecord {
         body: format!("{{\"k\":\"{key}\"}}").into_bytes(),
         redelivered: false,
         attempts_before: 0,
+        delivery_id: None,
     }
 }
 #[tokio::test]

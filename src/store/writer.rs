@@ -339,18 +339,19 @@ fn reopen(slot: &Slot) -> Result<(), StoreError> {
 
 type Outcome = Result<(Stored, u64), StoreError>;
 
-/// A batch's event that is new: its place in the batch, the sequence number drawn for it, and
-/// its encoded outbox record.
+/// A batch's event that is new: its place in the batch, the sequence number drawn for it, its
+/// dedup keys and its encoded outbox record.
 struct NewEvent {
     index: usize,
     seq: u64,
+    keys: Vec<String>,
     encoded: Vec<u8>,
 }
 
-/// Writes a batch in one transaction: for each new event its dedup key and outbox record, and
-/// for the batch one time-index entry listing its keys (the sweeper's work list). A key already
-/// stored, or seen earlier in the batch, is a duplicate; new keys beyond the outbox capacity
-/// are refused.
+/// Writes a batch in one transaction: for each new event its dedup keys and outbox record, and
+/// for the batch one time-index entry listing its keys (the sweeper's work list). An event one
+/// of whose keys is already stored, or was seen earlier in the batch, is a duplicate; new
+/// events beyond the outbox capacity are refused.
 ///
 /// The "seen before?" reads happen before the transaction, outside it: this thread is the only
 /// writer, so nothing can add a key in between, and the transaction stays a pure write (which
@@ -358,22 +359,30 @@ struct NewEvent {
 fn commit(slot: &Slot, database: &Database, batch: &[(OutboxRecord, Reply)]) -> Vec<Outcome> {
     let mut outcomes: Vec<Outcome> = Vec::with_capacity(batch.len());
     let mut new: Vec<NewEvent> = Vec::new();
-    let mut seen_in_batch = HashSet::new();
+    let mut seen_in_batch: HashSet<String> = HashSet::new();
     let room = slot.outbox_room();
     for (i, (record, _)) in batch.iter().enumerate() {
-        let outcome = match database.dedup.get(record.key.as_bytes()) {
+        let keys = record.dedup_keys();
+        let stored = keys.iter().try_fold(false, |seen, key| {
+            Ok::<_, sled::Error>(seen || database.dedup.get(key.as_bytes())?.is_some())
+        });
+        let outcome = match stored {
             Err(e) => Err(StoreError::Unwritable(e.to_string())),
-            Ok(Some(_)) => Ok((Stored::Duplicate, 0)),
-            Ok(None) if !seen_in_batch.insert(record.key.as_str()) => Ok((Stored::Duplicate, 0)),
-            Ok(None) if new.len() as u64 >= room => Err(StoreError::Full {
+            Ok(true) => Ok((Stored::Duplicate, 0)),
+            Ok(false) if keys.iter().any(|k| seen_in_batch.contains(k)) => {
+                Ok((Stored::Duplicate, 0))
+            }
+            Ok(false) if new.len() as u64 >= room => Err(StoreError::Full {
                 capacity: slot.options.outbox_max,
             }),
-            Ok(None) => match database.db.generate_id() {
+            Ok(false) => match database.db.generate_id() {
                 Err(e) => Err(StoreError::Unwritable(e.to_string())),
                 Ok(seq) => {
+                    seen_in_batch.extend(keys.iter().cloned());
                     new.push(NewEvent {
                         index: i,
                         seq,
+                        keys,
                         encoded: record.encode(),
                     });
                     Ok((Stored::New, seq))
@@ -395,8 +404,9 @@ fn commit(slot: &Slot, database: &Database, batch: &[(OutboxRecord, Reply)]) -> 
         first_seq: new[0].seq,
     }
     .encode();
-    let index_value = encode_keys(new.iter().map(|n| batch[n.index].0.key.as_str()));
-    let added = new.len() as i64;
+    let index_value = encode_keys(new.iter().flat_map(|n| n.keys.iter().map(String::as_str)));
+    let added_events = new.len() as i64;
+    let added_keys = new.iter().map(|n| n.keys.len()).sum::<usize>() as i64;
     let trees = (
         &database.dedup,
         &database.dedup_by_time,
@@ -405,25 +415,26 @@ fn commit(slot: &Slot, database: &Database, batch: &[(OutboxRecord, Reply)]) -> 
     );
     let result = trees.transaction(|(dedup, by_time, outbox, meta)| {
         for event in &new {
-            let record = &batch[event.index].0;
             let entry = DedupEntry {
-                received_at_ms: record.received_at_ms,
+                received_at_ms: batch[event.index].0.received_at_ms,
                 seq: event.seq,
             };
-            dedup.insert(record.key.as_bytes(), &entry.encode()[..])?;
+            for key in &event.keys {
+                dedup.insert(key.as_bytes(), &entry.encode()[..])?;
+            }
             outbox.insert(&seq_key(event.seq)[..], event.encoded.as_slice())?;
         }
         by_time.insert(&index_key[..], index_value.as_slice())?;
-        add_count(meta, OUTBOX_COUNT, added)?;
-        add_count(meta, DEDUP_COUNT, added)?;
+        add_count(meta, OUTBOX_COUNT, added_events)?;
+        add_count(meta, DEDUP_COUNT, added_keys)?;
         Ok::<_, ConflictableTransactionError<()>>(())
     });
     match result {
         Ok(()) => {
             slot.outbox_len
-                .fetch_add(new.len() as u64, Ordering::Relaxed);
+                .fetch_add(added_events as u64, Ordering::Relaxed);
             slot.dedup_len
-                .fetch_add(new.len() as u64, Ordering::Relaxed);
+                .fetch_add(added_keys as u64, Ordering::Relaxed);
             outcomes
         }
         Err(e) => {
@@ -483,13 +494,15 @@ fn put_back(slot: &Slot, database: &Database, seqs: &[u64]) -> Result<Vec<Redeli
                 record.redelivered = true;
                 record.attempts_before = attempts;
                 outbox.insert(&seq_key(*new)[..], record.encode())?;
-                let points_here = dedup
-                    .get(record.key.as_bytes())?
-                    .and_then(|v| DedupEntry::decode(&v))
-                    .filter(|e| e.seq == *old);
-                if let Some(entry) = points_here {
-                    let moved_entry = DedupEntry { seq: *new, ..entry };
-                    dedup.insert(record.key.as_bytes(), &moved_entry.encode()[..])?;
+                for key in record.dedup_keys() {
+                    let points_here = dedup
+                        .get(key.as_bytes())?
+                        .and_then(|v| DedupEntry::decode(&v))
+                        .filter(|e| e.seq == *old);
+                    if let Some(entry) = points_here {
+                        let moved_entry = DedupEntry { seq: *new, ..entry };
+                        dedup.insert(key.as_bytes(), &moved_entry.encode()[..])?;
+                    }
                 }
                 outcomes.push(Redelivery::Queued(*new));
                 moved += 1;

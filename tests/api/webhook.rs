@@ -413,55 +413,72 @@ async fn fifty_concurrent_identical_requests_store_exactly_one_event() {
 }
 
 #[tokio::test]
-async fn the_delivery_id_header_is_the_dedup_key_when_configured() {
-    let app =
-        spawn_app(Config::default().set("KALLINA_RELAY_ID_HEADER", "X-Kallina-Delivery")).await;
-    let first = event_body("call.ended", "d1");
-    let signature = sign(SECRET.as_bytes(), first.as_bytes());
-    let response = app
-        .post(
-            first.into_bytes(),
-            &[
-                ("X-Kallina-Signature", &signature),
-                ("X-Kallina-Delivery", "dlv_1"),
-            ],
-        )
-        .await;
-    assert_eq!(response.status().as_u16(), 202);
-    assert_eq!(response.json::<Value>().await.unwrap()["id"], "dlv_1");
-
-    // Different body, same delivery id: a duplicate.
-    let second = event_body("call.ended", "d2");
-    let signature = sign(SECRET.as_bytes(), second.as_bytes());
-    let response = app
-        .post(
-            second.clone().into_bytes(),
-            &[
-                ("X-Kallina-Signature", &signature),
-                ("X-Kallina-Delivery", "dlv_1"),
-            ],
-        )
-        .await;
-    assert_eq!(response.status().as_u16(), 200);
-
-    let too_long = "d".repeat(201);
-    let (status, error) = error_of(
-        app.post(
-            second.into_bytes(),
-            &[
-                ("X-Kallina-Signature", &signature),
-                ("X-Kallina-Delivery", &too_long),
-            ],
-        )
-        .await,
+async fn a_delivery_id_is_a_second_dedup_key_and_never_replaces_the_body() {
+    let connection = broker().await;
+    let queue = random_name("test.delivery");
+    let app = spawn_app(
+        Config::default()
+            .with_broker(BROKER_URL)
+            .set("KALLINA_RELAY_ID_HEADER", "X-Kallina-Delivery")
+            .file(&queue_file(&queue, "#")),
     )
     .await;
+    let body = event_body("call.ended", "d1");
+    let signature = sign(SECRET.as_bytes(), body.as_bytes());
+    let post = |body: String, signature: String, id: Option<&'static str>| {
+        let app = &app;
+        async move {
+            let mut headers = vec![("X-Kallina-Signature", signature.as_str())];
+            headers.extend(id.map(|id| ("X-Kallina-Delivery", id)));
+            let response = app.post(body.into_bytes(), &headers).await;
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+    // The same signed bytes with another id, or with none, are the same event: the signature
+    // covers the body, not the header.
+    let hash = sha256_hex(body.as_bytes());
+    for (id, expected) in [(Some("d-1"), 202), (Some("d-2"), 200), (None, 200)] {
+        let (status, answer) = post(body.clone(), signature.clone(), id).await;
+        assert_eq!(status, expected, "id {id:?}: {answer}");
+        assert_eq!(
+            answer["id"],
+            hash.as_str(),
+            "the answer names the message_id"
+        );
+    }
+    // Another body under a delivery id already seen is a duplicate too.
+    let other = event_body("call.ended", "d2");
+    let other_signature = sign(SECRET.as_bytes(), other.as_bytes());
+    let (status, _) = post(other.clone(), other_signature.clone(), Some("d-1")).await;
+    assert_eq!(status, 200);
+
+    app.wait_outbox_empty().await;
+    let messages = drain_queue(&connection, &queue).await;
+    assert_eq!(messages.len(), 1, "published once");
+    assert_eq!(message_id(&messages[0]), hash);
+    let headers = messages[0].delivery.properties.headers().clone().unwrap();
+    assert_eq!(
+        headers
+            .inner()
+            .get("x-delivery-id")
+            .map(|v| format!("{v:?}")),
+        Some(format!(
+            "{:?}",
+            lapin::types::AMQPValue::LongString("d-1".into())
+        ))
+    );
+
+    let too_long = "d".repeat(201);
+    let mut headers = vec![("X-Kallina-Signature", other_signature.as_str())];
+    headers.push(("X-Kallina-Delivery", too_long.as_str()));
+    let (status, error) = error_of(app.post(other.into_bytes(), &headers).await).await;
     assert_eq!(
         (status, error["code"].as_str()),
         (400, Some("invalid_payload"))
     );
     assert_eq!(error["details"]["field"], "id_header");
-    app.stop().await;
+    app.stop_and_clean_broker(&connection, &[&queue]).await;
 }
 
 #[tokio::test]
