@@ -30,6 +30,14 @@ pub enum IngressError {
         reason: String,
         retry_after_seconds: u32,
     },
+    #[error(
+        "too many request bodies are arriving at once (more than {budget_bytes} bytes in all); \
+         retry shortly"
+    )]
+    BodyBudgetFull {
+        budget_bytes: usize,
+        retry_after_seconds: u32,
+    },
     #[error("only POST is allowed here")]
     MethodNotAllowed,
     #[error("no such endpoint: webhooks are received at POST /webhooks/kallina")]
@@ -47,7 +55,7 @@ impl ApiError for IngressError {
             Self::Signature(_) => "invalid_signature",
             Self::InvalidPayload(_) => "invalid_payload",
             Self::TimestampOutOfTolerance { .. } => "timestamp_out_of_tolerance",
-            Self::Unavailable { .. } => "unavailable",
+            Self::Unavailable { .. } | Self::BodyBudgetFull { .. } => "unavailable",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::NotFound => "not_found",
         }
@@ -62,7 +70,9 @@ impl ApiError for IngressError {
             Self::InvalidPayload(_) | Self::TimestampOutOfTolerance { .. } => {
                 StatusCode::BAD_REQUEST
             }
-            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable { .. } | Self::BodyBudgetFull { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::NotFound => StatusCode::NOT_FOUND,
         }
@@ -82,6 +92,14 @@ impl ApiError for IngressError {
             } => {
                 json!({ "reason": reason, "retry_after_seconds": retry_after_seconds })
             }
+            Self::BodyBudgetFull {
+                budget_bytes,
+                retry_after_seconds,
+            } => json!({
+                "reason": "body_budget_full",
+                "max_inflight_body_bytes": budget_bytes,
+                "retry_after_seconds": retry_after_seconds,
+            }),
             Self::MethodNotAllowed => json!({ "allowed": ["POST"] }),
             Self::NotFound => json!({}),
         }
@@ -90,6 +108,10 @@ impl ApiError for IngressError {
     fn retry_after(&self) -> Option<u32> {
         match self {
             Self::Unavailable {
+                retry_after_seconds,
+                ..
+            }
+            | Self::BodyBudgetFull {
                 retry_after_seconds,
                 ..
             } => Some(*retry_after_seconds),
@@ -103,7 +125,9 @@ impl ApiError for IngressError {
                 response.insert_header((ALLOW, "POST"));
             }
             // The rest of the body is still on the wire: the connection cannot be reused.
-            Self::PayloadTooLarge { .. } | Self::RequestTimeout { .. } => {
+            Self::PayloadTooLarge { .. }
+            | Self::RequestTimeout { .. }
+            | Self::BodyBudgetFull { .. } => {
                 response.force_close();
             }
             _ => {}

@@ -5,6 +5,8 @@
 //! window; only then does it reach the [store](crate::store), and the answer is 2xx only once
 //! the store says the event is on disk.
 
+mod body;
+mod budget;
 mod connection;
 mod envelope;
 mod error;
@@ -13,14 +15,14 @@ mod tls;
 
 use std::time::{Duration, Instant, SystemTime};
 
-use actix_web::http::header::{CONTENT_ENCODING, CONTENT_LENGTH};
+use actix_web::http::header::CONTENT_ENCODING;
 use actix_web::{web, HttpRequest, HttpResponse};
-use futures_util::StreamExt;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use budget::{BodyBudget, Held};
 pub use connection::remember as remember_connection;
 pub use envelope::{parse as parse_envelope, Envelope, PayloadError};
 pub use error::IngressError;
@@ -52,6 +54,8 @@ pub struct Ingress {
     pub future_skew: Duration,
     pub id_header: Option<String>,
     pub source: String,
+    /// Bytes of request bodies held at once, across every connection.
+    pub budget: BodyBudget,
     pub store: Store,
     pub metrics: Metrics,
     /// `kallina_relay_signature_matches_total{secret}`, one per secret, resolved once.
@@ -75,6 +79,7 @@ impl Ingress {
             future_skew: options.future_skew,
             id_header: options.id_header.clone(),
             source: options.source.clone(),
+            budget: BodyBudget::new(options.max_inflight_body),
             signature_matches: (0..options.secrets.len())
                 .map(|i| {
                     metrics
@@ -140,16 +145,17 @@ async fn receive(
     let started = Instant::now();
     let request_id = RequestId::of(&req);
     let received_at = SystemTime::now();
-    let reading = read_body(&req, payload, ingress.max_body);
+    let reading = body::read(&req, payload, ingress.max_body, &ingress.budget);
     let body = match tokio::time::timeout(ingress.body_timeout, reading).await {
         Ok(body) => body,
         Err(_) => Err(IngressError::RequestTimeout {
             seconds: ingress.body_timeout.as_secs(),
         }),
     };
-    let Handled { event, result } = match body {
-        Ok(body) => handle(&req, &body, received_at, &ingress).await,
-        Err(e) => Handled::refused(None, e),
+    // What the body holds of the budget is given back once the request is answered.
+    let (Handled { event, result }, _held) = match body {
+        Ok((body, held)) => (handle(&req, body, received_at, &ingress).await, held),
+        Err(e) => (Handled::refused(None, e), Held::default()),
     };
     let response = match &result {
         Ok(Taken {
@@ -169,7 +175,9 @@ async fn receive(
         Err(e) => {
             if matches!(
                 e,
-                IngressError::PayloadTooLarge { .. } | IngressError::RequestTimeout { .. }
+                IngressError::PayloadTooLarge { .. }
+                    | IngressError::RequestTimeout { .. }
+                    | IngressError::BodyBudgetFull { .. }
             ) {
                 connection::stop_reading(&req);
             }
@@ -232,11 +240,11 @@ impl Handled {
 /// Everything after the body is read.
 async fn handle(
     req: &HttpRequest,
-    body: &[u8],
+    body: Vec<u8>,
     received_at: SystemTime,
     ingress: &Ingress,
 ) -> Handled {
-    let verified = match verify(req, body, received_at, ingress) {
+    let verified = match verify(req, &body, received_at, ingress) {
         Ok(v) => v,
         Err((event, e)) => return Handled::refused(event, e),
     };
@@ -244,6 +252,9 @@ async fn handle(
     let age = received_at
         .duration_since(SystemTime::from(verified.envelope.timestamp))
         .unwrap_or_default();
+    let Verified {
+        key, delivery_id, ..
+    } = verified;
     ingress.metrics.event_age.observe(age.as_secs_f64());
 
     if ingress.shutdown.is_triggered() {
@@ -251,14 +262,14 @@ async fn handle(
         return Handled::refused(Some(event), e);
     }
     // A platform retry of something already on disk: answered before any copy is made.
-    let keys = dedup_keys(&verified.key, verified.delivery_id.as_deref());
+    let keys = dedup_keys(&key, delivery_id.as_deref());
     match ingress.store.is_durable_duplicate(&keys) {
         Ok(true) => {
             return Handled {
                 event: Some(event),
                 result: Ok(Taken {
                     stored: Stored::Duplicate,
-                    key: verified.key,
+                    key,
                 }),
             }
         }
@@ -270,17 +281,18 @@ async fn handle(
         }
     }
     let record = OutboxRecord {
-        key: verified.key,
+        key,
         event: event.clone(),
         signature: header_str(req, signature::HEADER)
             .unwrap_or_default()
             .to_string(),
         received_at_ms: unix_millis(received_at),
         source: ingress.source.clone(),
-        body: body.to_vec(),
+        // The buffer the body was read into, moved: no copy.
+        body,
         redelivered: false,
         attempts_before: 0,
-        delivery_id: verified.delivery_id,
+        delivery_id,
     };
     let commit_started = Instant::now();
     let key = record.key.clone();
@@ -413,33 +425,6 @@ fn delivery_id(req: &HttpRequest, id_header: Option<&str>) -> Result<Option<Stri
         });
     }
     Ok(Some(String::from_utf8_lossy(value).into_owned()))
-}
-
-/// Reads the body, refusing it as soon as it exceeds `limit`, whether or not a length was sent.
-async fn read_body(
-    req: &HttpRequest,
-    mut payload: web::Payload,
-    limit: usize,
-) -> Result<web::BytesMut, IngressError> {
-    let too_large = IngressError::PayloadTooLarge { limit };
-    let declared = header_str(req, CONTENT_LENGTH.as_str()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large);
-    }
-    let mut body = web::BytesMut::with_capacity(declared.map_or(8 * 1024, |n| n as usize));
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| {
-            IngressError::InvalidPayload(PayloadError {
-                field: "body",
-                reason: format!("the body could not be read: {e}"),
-            })
-        })?;
-        if body.len() + chunk.len() > limit {
-            return Err(too_large);
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
 }
 
 fn header_str<'r>(req: &'r HttpRequest, name: &str) -> Option<&'r str> {

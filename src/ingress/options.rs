@@ -50,6 +50,16 @@ pub const MAX_BODY: Setting<usize> = Setting::new(
     .flag(),
     |f| f.bytes(1, 64 << 20).map(|n| n as usize),
 );
+pub const MAX_INFLIGHT_BODY: Setting<usize> = Setting::new(
+    Spec::new(
+        "max_inflight_body",
+        "KALLINA_RELAY_MAX_INFLIGHT_BODY",
+        "bytes of request bodies held at once across all connections; past it, 503",
+    )
+    .default("64MiB")
+    .note("at least `max_body`; an eighth is kept for bodies of at most 64 KiB"),
+    |f| f.bytes(1 << 20, 16 << 30).map(|n| n as usize),
+);
 pub const BODY_TIMEOUT: Setting<Duration> = Setting::new(
     Spec::new(
         "body_timeout",
@@ -139,6 +149,7 @@ pub const SETTINGS: &[&Spec] = &[
     &WEBHOOK_SECRET_FILE.spec,
     &LISTEN.spec,
     &MAX_BODY.spec,
+    &MAX_INFLIGHT_BODY.spec,
     &BODY_TIMEOUT.spec,
     &MAX_CONNECTIONS.spec,
     &TOLERANCE.spec,
@@ -156,6 +167,8 @@ pub struct IngressOptions {
     pub secrets: Vec<Secret>,
     pub listen: SocketAddr,
     pub max_body: usize,
+    /// Bytes of request bodies held at once, across every connection.
+    pub max_inflight_body: usize,
     /// How long a client may take to send its whole body.
     pub body_timeout: Duration,
     /// Open connections on the public listener at most (new ones wait in the backlog).
@@ -178,10 +191,19 @@ pub struct TlsFiles {
 
 impl IngressOptions {
     pub fn from_values(values: &Values) -> Result<Self, ConfigError> {
+        let max_body = values.get(&MAX_BODY)?;
+        let max_inflight_body = values.get(&MAX_INFLIGHT_BODY)?;
+        // A body of the largest accepted size must fit the budget with room beside it.
+        if max_inflight_body < max_body {
+            return Err(values
+                .field(&MAX_INFLIGHT_BODY.spec)
+                .invalid(format!("a size of at least max_body ({max_body} bytes)")));
+        }
         Ok(Self {
             secrets: secrets(values)?,
             listen: values.get(&LISTEN)?,
-            max_body: values.get(&MAX_BODY)?,
+            max_body,
+            max_inflight_body,
             body_timeout: values.get(&BODY_TIMEOUT)?,
             max_connections: values.get(&MAX_CONNECTIONS)?,
             tolerance: values.get(&TOLERANCE)?,
