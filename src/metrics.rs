@@ -46,6 +46,7 @@ pub struct Metrics {
     pub broker_connected: IntGauge,
     pub delivery_lag: Histogram,
     archive_events: IntGauge,
+    quarantined_events: IntGauge,
     store_writable: IntGauge,
     pub redelivered: IntCounterVec,
     pub redrive_pending: IntGauge,
@@ -154,6 +155,10 @@ impl Metrics {
                 "kallina_relay_archive_events",
                 "Published events kept in the archive for the admin API",
             ),
+            quarantined_events: int_gauge(
+                "kallina_relay_quarantined_events",
+                "Outbox records the relay could not publish and set aside (admin API: /admin/quarantine)",
+            ),
             store_writable: int_gauge(
                 "kallina_relay_store_writable",
                 "1 while the store can write; 0 after a disk error, until it reopens",
@@ -169,7 +174,7 @@ impl Metrics {
             ),
             registry,
         };
-        for trigger in ["redeliver", "redrive"] {
+        for trigger in ["redeliver", "redrive", "quarantine"] {
             metrics.redelivered.with_label_values(&[trigger]);
         }
         for event in KNOWN_EVENTS.iter().chain(&["other"]) {
@@ -188,6 +193,7 @@ impl Metrics {
             .set(store.outbox_oldest_age.map_or(0.0, |d| d.as_secs_f64()));
         self.dedup_keys.set(store.dedup_keys as i64);
         self.archive_events.set(store.archive_events as i64);
+        self.quarantined_events.set(store.quarantined_events as i64);
         self.store_writable.set(i64::from(store.writable));
         let mut out = Vec::new();
         TextEncoder::new()
@@ -226,6 +232,7 @@ mod tests {
             outbox_oldest_age: None,
             dedup_keys: 7,
             archive_events: 2,
+            quarantined_events: 1,
             writable: true,
         });
         assert!(text
@@ -233,6 +240,7 @@ mod tests {
         assert!(text.contains("kallina_relay_outbox_events 3"));
         assert!(text.contains("kallina_relay_dedup_keys 7"));
         assert!(text.contains("kallina_relay_archive_events 2"));
+        assert!(text.contains("kallina_relay_quarantined_events 1"));
         assert!(text.contains("kallina_relay_store_writable 1"));
     }
 }

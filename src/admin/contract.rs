@@ -7,7 +7,7 @@ use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::store::EventView;
+use crate::store::{EventView, QuarantinedView};
 
 /// One stored event, as lists show it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,6 +80,39 @@ pub struct Redelivered {
 pub struct RedriveStarted {
     pub matched: usize,
     pub dry_run: bool,
+}
+
+/// One quarantined outbox record: what can be read of it, and why it was set aside.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuarantinedEvent {
+    /// Its place in the outbox; what `POST /admin/quarantine/{seq}/redeliver` takes.
+    pub seq: String,
+    pub quarantined: String,
+    pub reason: String,
+    pub size_bytes: usize,
+    /// The event's `message_id` and type, when the record decodes.
+    pub id: Option<String>,
+    pub event: Option<String>,
+}
+
+impl From<&QuarantinedView> for QuarantinedEvent {
+    fn from(view: &QuarantinedView) -> Self {
+        Self {
+            seq: view.seq.to_string(),
+            quarantined: rfc3339_ms(view.quarantined_at_ms),
+            reason: view.reason.clone(),
+            size_bytes: view.size_bytes,
+            id: view.record.as_ref().map(|r| r.key.clone()),
+            event: view.record.as_ref().map(|r| r.event.clone()),
+        }
+    }
+}
+
+/// `GET /admin/quarantine`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuarantineList {
+    pub events: Vec<QuarantinedEvent>,
+    pub next_cursor: Option<String>,
 }
 
 /// Unix milliseconds as RFC 3339, the form every time in the admin API takes.

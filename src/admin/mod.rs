@@ -67,6 +67,7 @@ async fn readyz(admin: web::Data<Admin>) -> HttpResponse {
             "outbox_capacity": stats.outbox_capacity,
             "outbox_oldest_age_seconds": stats.outbox_oldest_age.map(|d| d.as_secs_f64()),
             "dedup_keys": stats.dedup_keys,
+            "quarantined_events": stats.quarantined_events,
         },
         "broker": broker,
         "broker_connected": broker == BrokerState::Connected,

@@ -36,7 +36,9 @@ pub use topology::{refused_with, QueueSpec, QueueType, Topology, TopologyError};
 use crate::config::redact_url;
 use crate::metrics::{event_label, Metrics};
 use crate::shutdown::Shutdown;
-use crate::store::{unix_millis, Confirmed, OutboxEntry, OutboxRecord, Store, StoreError};
+use crate::store::{
+    unix_millis, Confirmed, OutboxEntry, OutboxRead, OutboxRecord, Store, StoreError, Unreadable,
+};
 
 /// How long a nacked or returned message waits before it is published again.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
@@ -219,11 +221,14 @@ impl Relay {
                 let next = match next {
                     Some(item) => item,
                     None => {
-                        if read_ahead.is_empty() {
-                            read_ahead.extend(self.read_outbox(cursor).await?);
-                            if let Some(last) = read_ahead.back() {
-                                cursor = Some(last.seq);
-                            }
+                        // Records that do not decode are set aside, so that nothing behind
+                        // them waits; read on until something is publishable or nothing is left.
+                        while read_ahead.is_empty() {
+                            let read = self.read_outbox(cursor).await?;
+                            let Some(last) = read.last_seq() else { break };
+                            cursor = Some(last);
+                            self.quarantine(read.unreadable).await?;
+                            read_ahead.extend(read.entries);
                         }
                         match read_ahead.pop_front() {
                             Some(item) => item,
@@ -368,9 +373,24 @@ impl Relay {
 
     /// The next durable outbox records after `cursor`, read on the blocking pool: sled may
     /// read from disk, which must not stall the runtime's workers.
-    async fn read_outbox(&self, cursor: Option<u64>) -> Result<Vec<OutboxEntry>, SessionError> {
+    async fn read_outbox(&self, cursor: Option<u64>) -> Result<OutboxRead, SessionError> {
         let store = self.store.clone();
         Ok(tokio::task::spawn_blocking(move || store.outbox_after(cursor, READ_AHEAD)).await??)
+    }
+
+    /// Sets aside records that cannot be published however often they are tried.
+    async fn quarantine(&self, unreadable: Vec<Unreadable>) -> Result<(), SessionError> {
+        for record in unreadable {
+            tracing::error!(
+                seq = record.seq,
+                reason = %record.reason,
+                "an outbox record cannot be decoded; quarantined (see /admin/quarantine)"
+            );
+            let store = self.store.clone();
+            let reason = format!("cannot be decoded: {}", record.reason);
+            tokio::task::spawn_blocking(move || store.quarantine(record.seq, &reason)).await??;
+        }
+        Ok(())
     }
 
     /// Moves what the broker confirmed to the archive, on the blocking pool.

@@ -72,6 +72,7 @@ pub fn decode_keys(mut bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
 pub const OUTBOX_COUNT: &[u8] = b"outbox_events";
 pub const DEDUP_COUNT: &[u8] = b"dedup_keys";
 pub const ARCHIVE_COUNT: &[u8] = b"archive_events";
+pub const QUARANTINE_COUNT: &[u8] = b"quarantined_events";
 
 pub fn decode_count(bytes: &[u8]) -> u64 {
     bytes.try_into().map_or(0, u64::from_be_bytes)
@@ -146,6 +147,45 @@ pub fn decode_archived(bytes: &[u8]) -> Result<Archived, RecordError> {
     }
 }
 
+const QUARANTINE_VERSION: u8 = 1;
+
+/// A quarantine entry: an outbox record the relay could not publish however often it tried,
+/// kept byte for byte (it may not even decode), with when and why.
+pub struct Quarantined {
+    pub quarantined_at_ms: u64,
+    pub reason: String,
+    pub outbox_bytes: Vec<u8>,
+}
+
+pub fn encode_quarantined(quarantined_at_ms: u64, reason: &str, outbox_bytes: &[u8]) -> Vec<u8> {
+    let reason = &reason.as_bytes()[..reason.len().min(u16::MAX as usize)];
+    let mut out = Vec::with_capacity(1 + 8 + 2 + reason.len() + outbox_bytes.len());
+    out.push(QUARANTINE_VERSION);
+    out.extend_from_slice(&quarantined_at_ms.to_be_bytes());
+    out.extend_from_slice(&(reason.len() as u16).to_be_bytes());
+    out.extend_from_slice(reason);
+    out.extend_from_slice(outbox_bytes);
+    out
+}
+
+pub fn decode_quarantined(bytes: &[u8]) -> Result<Quarantined, RecordError> {
+    let short = || RecordError::Corrupt("short quarantine entry".into());
+    let rest = match bytes.split_first() {
+        Some((&QUARANTINE_VERSION, rest)) => rest,
+        Some((&other, _)) => return Err(RecordError::UnknownVersion(other)),
+        None => return Err(short()),
+    };
+    let (at, rest) = rest.split_at_checked(8).ok_or_else(short)?;
+    let (len, rest) = rest.split_at_checked(2).ok_or_else(short)?;
+    let len = u16::from_be_bytes(len.try_into().expect("2 bytes")) as usize;
+    let (reason, outbox_bytes) = rest.split_at_checked(len).ok_or_else(short)?;
+    Ok(Quarantined {
+        quarantined_at_ms: u64::from_be_bytes(at.try_into().expect("8 bytes")),
+        reason: String::from_utf8_lossy(reason).into_owned(),
+        outbox_bytes: outbox_bytes.to_vec(),
+    })
+}
+
 pub fn unix_millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -181,6 +221,18 @@ mod tests {
         assert_eq!(cutoff_ms(Duration::MAX), 0);
         let now = unix_millis(SystemTime::now());
         assert!(cutoff_ms(Duration::from_secs(60)) <= now - 60_000);
+    }
+
+    #[test]
+    fn a_quarantine_entry_keeps_any_bytes_and_its_reason() {
+        let entry = encode_quarantined(9, "cannot decode", &[7, 0, 1]);
+        let q = decode_quarantined(&entry).unwrap();
+        assert_eq!(
+            (q.quarantined_at_ms, q.reason.as_str()),
+            (9, "cannot decode")
+        );
+        assert_eq!(q.outbox_bytes, [7, 0, 1]);
+        assert!(decode_quarantined(&entry[..5]).is_err());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::watch;
 
-use super::codec::{decode_count, ARCHIVE_COUNT, DEDUP_COUNT, OUTBOX_COUNT};
+use super::codec::{decode_count, ARCHIVE_COUNT, DEDUP_COUNT, OUTBOX_COUNT, QUARANTINE_COUNT};
 use super::disk::{self, DataDir};
 use super::error::StoreError;
 use super::options::StoreOptions;
@@ -25,6 +25,8 @@ pub struct Database {
     pub dedup_by_time: sled::Tree,
     pub outbox: sled::Tree,
     pub archive: sled::Tree,
+    /// Outbox records the relay could not publish: see [`super::maintenance::quarantine`].
+    pub quarantine: sled::Tree,
     pub meta: sled::Tree,
 }
 
@@ -50,6 +52,7 @@ pub struct Slot {
     pub outbox_len: AtomicU64,
     pub dedup_len: AtomicU64,
     pub archive_len: AtomicU64,
+    pub quarantine_len: AtomicU64,
     pub options: StoreOptions,
 }
 
@@ -67,6 +70,7 @@ impl Slot {
             outbox_len: AtomicU64::new(counts.outbox),
             dedup_len: AtomicU64::new(counts.dedup),
             archive_len: AtomicU64::new(counts.archive),
+            quarantine_len: AtomicU64::new(counts.quarantine),
             options: options.clone(),
         })
     }
@@ -112,6 +116,8 @@ impl Slot {
         self.outbox_len.store(counts.outbox, Ordering::Relaxed);
         self.dedup_len.store(counts.dedup, Ordering::Relaxed);
         self.archive_len.store(counts.archive, Ordering::Relaxed);
+        self.quarantine_len
+            .store(counts.quarantine, Ordering::Relaxed);
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(database));
         self.writable.store(true, Ordering::Release);
     }
@@ -122,6 +128,7 @@ pub struct Counts {
     pub outbox: u64,
     pub dedup: u64,
     pub archive: u64,
+    pub quarantine: u64,
 }
 
 /// A count from `meta`; a database without one (made before counts were kept) is counted once.
@@ -157,11 +164,13 @@ pub fn open_database(options: &StoreOptions) -> Result<(Database, Counts), Store
     let dedup_by_time = db.open_tree("dedup_by_time")?;
     let outbox = db.open_tree("outbox")?;
     let archive = db.open_tree("archive")?;
+    let quarantine = db.open_tree("quarantine")?;
     let meta = db.open_tree("meta")?;
     let counts = Counts {
         outbox: stored_count(&meta, OUTBOX_COUNT, &outbox)?,
         dedup: stored_count(&meta, DEDUP_COUNT, &dedup)?,
         archive: stored_count(&meta, ARCHIVE_COUNT, &archive)?,
+        quarantine: stored_count(&meta, QUARANTINE_COUNT, &quarantine)?,
     };
     let database = Database {
         db,
@@ -170,6 +179,7 @@ pub fn open_database(options: &StoreOptions) -> Result<(Database, Counts), Store
         dedup_by_time,
         outbox,
         archive,
+        quarantine,
         meta,
     };
     database.make_durable().map_err(StoreError::Unwritable)?;

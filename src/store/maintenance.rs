@@ -1,5 +1,6 @@
-//! Housekeeping that needs no sync: confirmed events move from the outbox to the archive, and
-//! dedup keys and archived events past their retention are swept. A thread of the store's own
+//! Housekeeping that needs no sync: confirmed events move from the outbox to the archive,
+//! records the relay cannot publish move to the quarantine, and dedup keys and archived events
+//! past their retention are swept. A thread of the store's own
 //! runs the sweeps every `sweep_interval` and, while a disk error keeps the store unwritable,
 //! asks the writer every second to reopen it; [`Maintenance::stop`] ends it.
 //!
@@ -18,9 +19,9 @@ use sled::transaction::ConflictableTransactionError;
 use sled::Transactional;
 
 use super::codec::{
-    add_count, cutoff_ms, decode_archived, decode_keys, encode_archived, seq_key,
-    transaction_error, unix_millis, DedupEntry, TimeIndexKey, ARCHIVE_COUNT, DEDUP_COUNT,
-    OUTBOX_COUNT,
+    add_count, cutoff_ms, decode_archived, decode_keys, encode_archived, encode_quarantined,
+    seq_key, transaction_error, unix_millis, DedupEntry, TimeIndexKey, ARCHIVE_COUNT, DEDUP_COUNT,
+    OUTBOX_COUNT, QUARANTINE_COUNT,
 };
 use super::database::Slot;
 use super::error::StoreError;
@@ -70,6 +71,34 @@ pub fn archive_published(slot: &Slot, confirmed: &[Confirmed]) -> Result<u64, St
     slot.outbox_len.fetch_sub(moved, Ordering::Relaxed);
     if keep {
         slot.archive_len.fetch_add(moved, Ordering::Relaxed);
+    }
+    Ok(moved)
+}
+
+/// Moves an outbox record the relay cannot publish to the quarantine, byte for byte, with the
+/// reason; false if it is no longer in the outbox. Unsynced like the archive moves: a move lost
+/// in a power cut leaves the record in the outbox, where the relay finds it unpublishable again.
+pub fn quarantine(slot: &Slot, seq: u64, reason: &str) -> Result<bool, StoreError> {
+    let database = slot.database()?;
+    let quarantined_at_ms = unix_millis(SystemTime::now());
+    let key = seq_key(seq);
+    let moved = (&database.outbox, &database.quarantine, &database.meta)
+        .transaction(|(outbox, quarantine, meta)| {
+            let Some(bytes) = outbox.remove(&key[..])? else {
+                return Ok(false);
+            };
+            quarantine.insert(
+                &key[..],
+                encode_quarantined(quarantined_at_ms, reason, &bytes),
+            )?;
+            add_count(meta, OUTBOX_COUNT, -1)?;
+            add_count(meta, QUARANTINE_COUNT, 1)?;
+            Ok::<_, ConflictableTransactionError<()>>(true)
+        })
+        .map_err(transaction_error)?;
+    if moved {
+        slot.outbox_len.fetch_sub(1, Ordering::Relaxed);
+        slot.quarantine_len.fetch_add(1, Ordering::Relaxed);
     }
     Ok(moved)
 }

@@ -10,6 +10,9 @@
 //! - `outbox`: sequence number (big-endian) → [`OutboxRecord`]. The relay reads it in order.
 //! - `archive`: sequence number → published event, kept for `archive_retention` for the admin
 //!   API. A confirmed event moves here under the same sequence number.
+//! - `quarantine`: sequence number → an outbox record the relay could not publish (it does not
+//!   decode, or the broker refused it for good), byte for byte with the reason, until an
+//!   operator puts it back; everything behind it is published meanwhile.
 //!
 //! The modules, leaves first: [`codec`] (keys and values on disk) and [`record`]; `database`
 //! (sled and its trees, and the slot that outlives a reopening); then the three that use them
@@ -24,8 +27,8 @@
 //!   2xx never stands on memory alone. It assigns sequence numbers in commit order, so the
 //!   relay can read the outbox as a log, and it alone reopens the database after a disk error.
 //! - **Housekeeping goes through `maintenance`, unsynced on purpose**: moving confirmed
-//!   events to the archive (called by the relay), and sweeping what outlived its retention
-//!   (the store's own maintenance thread).
+//!   events to the archive and unpublishable ones to the quarantine (called by the relay), and
+//!   sweeping what outlived its retention (the store's own maintenance thread).
 //!
 //! A duplicate whose original is already durable is answered without the writer.
 
@@ -48,9 +51,12 @@ pub use codec::unix_millis;
 pub use error::StoreError;
 pub use maintenance::Confirmed;
 pub use options::StoreOptions;
-pub use queries::{EventPage, EventQuery, EventStatus, EventView, OutboxEntry, StoreStats};
+pub use queries::{
+    EventPage, EventQuery, EventStatus, EventView, OutboxEntry, OutboxRead, QuarantinedView,
+    StoreStats, Unreadable,
+};
 pub use record::{dedup_keys, OutboxRecord, RecordError};
-pub use writer::{Redelivery, Stored};
+pub use writer::{Redelivery, Shelf, Stored};
 
 use database::Slot;
 use maintenance::Maintenance;
@@ -113,14 +119,25 @@ impl Store {
         self.inner.slot.durable.subscribe()
     }
 
-    /// Up to `limit` durable outbox records above `after`, oldest first. Blocking: the relay
-    /// calls it from its blocking pool.
-    pub fn outbox_after(
+    /// Up to `limit` durable outbox records above `after`, oldest first, and those of them
+    /// that do not decode. Blocking: the relay calls it from its blocking pool.
+    pub fn outbox_after(&self, after: Option<u64>, limit: usize) -> Result<OutboxRead, StoreError> {
+        queries::outbox_after(&self.inner.slot, after, limit)
+    }
+
+    /// Sets aside an outbox record the relay cannot publish (see `maintenance::quarantine`).
+    /// Blocking.
+    pub fn quarantine(&self, seq: u64, reason: &str) -> Result<bool, StoreError> {
+        maintenance::quarantine(&self.inner.slot, seq, reason)
+    }
+
+    /// Quarantined records after `after`, oldest first. Blocking.
+    pub fn list_quarantined(
         &self,
         after: Option<u64>,
         limit: usize,
-    ) -> Result<Vec<OutboxEntry>, StoreError> {
-        queries::outbox_after(&self.inner.slot, after, limit)
+    ) -> Result<Vec<QuarantinedView>, StoreError> {
+        queries::list_quarantined(&*self.inner.slot.database()?, after, limit)
     }
 
     /// Moves what the broker confirmed from the outbox to the archive (or deletes it when no
@@ -155,14 +172,18 @@ impl Store {
         let Some(seq) = seq else {
             return Ok(Redelivery::Missing);
         };
-        let outcomes = self.redeliver(vec![seq]).await?;
+        let outcomes = self.redeliver(vec![seq], Shelf::Archive).await?;
         Ok(outcomes.first().copied().unwrap_or(Redelivery::Missing))
     }
 
-    /// Puts archived events back into the outbox, durably, through the writer; one outcome per
-    /// sequence number.
-    pub async fn redeliver(&self, seqs: Vec<u64>) -> Result<Vec<Redelivery>, StoreError> {
-        self.inner.writer.redeliver(seqs).await
+    /// Puts archived or quarantined events back into the outbox, durably, through the writer;
+    /// one outcome per sequence number.
+    pub async fn redeliver(
+        &self,
+        seqs: Vec<u64>,
+        from: Shelf,
+    ) -> Result<Vec<Redelivery>, StoreError> {
+        self.inner.writer.redeliver(seqs, from).await
     }
 
     /// Deletes dedup keys first received before `now - retention`; returns how many. The

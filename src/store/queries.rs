@@ -9,7 +9,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
-use super::codec::{decode_archived, seq_key, seq_of, unix_millis, DedupEntry};
+use super::codec::{decode_archived, decode_quarantined, seq_key, seq_of, unix_millis, DedupEntry};
 use super::database::{Database, Slot};
 use super::error::StoreError;
 use super::record::{delivery_key, OutboxRecord, RecordError};
@@ -22,6 +22,41 @@ const SCAN_LIMIT: usize = 10_000;
 pub struct OutboxEntry {
     pub seq: u64,
     pub record: OutboxRecord,
+}
+
+/// What one read of the outbox found: the records in order, and those that do not decode
+/// (the relay quarantines them rather than stall on them).
+#[derive(Debug, Default)]
+pub struct OutboxRead {
+    pub entries: Vec<OutboxEntry>,
+    pub unreadable: Vec<Unreadable>,
+}
+
+impl OutboxRead {
+    /// The highest sequence number read, readable or not: where the next read starts.
+    pub fn last_seq(&self) -> Option<u64> {
+        let entries = self.entries.last().map(|e| e.seq);
+        let unreadable = self.unreadable.last().map(|u| u.seq);
+        entries.max(unreadable)
+    }
+}
+
+/// An outbox record that cannot be decoded, and why.
+#[derive(Debug, Clone)]
+pub struct Unreadable {
+    pub seq: u64,
+    pub reason: String,
+}
+
+/// A quarantined record, as the admin API lists it: what can be read of it.
+#[derive(Debug, Clone)]
+pub struct QuarantinedView {
+    pub seq: u64,
+    pub quarantined_at_ms: u64,
+    pub reason: String,
+    pub size_bytes: usize,
+    /// The record itself, when it decodes (a broker refusal rather than corruption).
+    pub record: Option<OutboxRecord>,
 }
 
 /// Where an event is in its life.
@@ -116,6 +151,7 @@ pub struct StoreStats {
     pub outbox_oldest_age: Option<Duration>,
     pub dedup_keys: u64,
     pub archive_events: u64,
+    pub quarantined_events: u64,
     pub writable: bool,
 }
 
@@ -153,29 +189,58 @@ pub fn is_durable_duplicate(slot: &Slot, keys: &[String]) -> Result<bool, StoreE
     Ok(false)
 }
 
-/// Up to `limit` durable outbox records with sequence numbers above `after`, oldest first.
+/// Up to `limit` durable outbox records with sequence numbers above `after`, oldest first; a
+/// record that does not decode is reported beside the others, never an error for all.
 pub fn outbox_after(
     slot: &Slot,
     after: Option<u64>,
     limit: usize,
-) -> Result<Vec<OutboxEntry>, StoreError> {
+) -> Result<OutboxRead, StoreError> {
     let durable = *slot.durable.borrow();
     let start = after.map_or(0, |a| a.saturating_add(1));
+    let mut read = OutboxRead::default();
     if start > durable {
-        return Ok(Vec::new());
+        return Ok(read);
     }
-    slot.database()?
+    let database = slot.database()?;
+    for item in database
         .outbox
         .range(seq_key(start)..=seq_key(durable))
         .take(limit)
-        .map(|item| {
-            let (k, v) = item?;
-            Ok(OutboxEntry {
-                seq: seq_of(&k)?,
-                record: OutboxRecord::decode(&v)?,
-            })
-        })
-        .collect()
+    {
+        let (k, v) = item?;
+        let seq = seq_of(&k)?;
+        match OutboxRecord::decode(&v) {
+            Ok(record) => read.entries.push(OutboxEntry { seq, record }),
+            Err(e) => read.unreadable.push(Unreadable {
+                seq,
+                reason: e.to_string(),
+            }),
+        }
+    }
+    Ok(read)
+}
+
+/// Quarantined records after `after`, oldest first, at most `limit`.
+pub fn list_quarantined(
+    database: &Database,
+    after: Option<u64>,
+    limit: usize,
+) -> Result<Vec<QuarantinedView>, StoreError> {
+    let start = seq_key(after.map_or(0, |a| a.saturating_add(1)));
+    let mut views = Vec::new();
+    for item in database.quarantine.range(start..).take(limit) {
+        let (k, v) = item?;
+        let q = decode_quarantined(&v)?;
+        views.push(QuarantinedView {
+            seq: seq_of(&k)?,
+            quarantined_at_ms: q.quarantined_at_ms,
+            reason: q.reason,
+            size_bytes: q.outbox_bytes.len(),
+            record: OutboxRecord::decode(&q.outbox_bytes).ok(),
+        });
+    }
+    Ok(views)
 }
 
 /// The event at `seq`, wherever it is.
@@ -279,6 +344,7 @@ pub fn stats(slot: &Slot) -> StoreStats {
         outbox_oldest_age: oldest,
         dedup_keys: slot.dedup_len.load(Ordering::Relaxed),
         archive_events: slot.archive_len.load(Ordering::Relaxed),
+        quarantined_events: slot.quarantine_len.load(Ordering::Relaxed),
         writable: slot.is_writable(),
     }
 }

@@ -51,11 +51,15 @@ async fn a_key_is_stored_once_and_read_back_in_order() {
         store.accept(record("b", now)).await.unwrap(),
         Stored::New
     ));
-    let pending = store.outbox_after(None, 10).unwrap();
+    let pending = store.outbox_after(None, 10).unwrap().entries;
     let keys: Vec<_> = pending.iter().map(|e| e.record.key.as_str()).collect();
     assert_eq!(keys, ["a", "b"]);
     assert_eq!(
-        store.outbox_after(Some(pending[0].seq), 10).unwrap().len(),
+        store
+            .outbox_after(Some(pending[0].seq), 10)
+            .unwrap()
+            .entries
+            .len(),
         1
     );
     store
@@ -134,7 +138,7 @@ async fn everything_survives_a_reopen_and_a_second_opener_is_refused() {
         store.accept(record("b", now)).await.unwrap(),
         Stored::New
     ));
-    assert_eq!(store.outbox_after(None, 10).unwrap().len(), 2);
+    assert_eq!(store.outbox_after(None, 10).unwrap().entries.len(), 2);
 }
 
 /// Accepts the records and "publishes" the first `published` of them.
@@ -145,6 +149,7 @@ async fn stored(store: &Store, records: Vec<OutboxRecord>, published: usize) {
     let seqs: Vec<Confirmed> = store
         .outbox_after(None, 1000)
         .unwrap()
+        .entries
         .iter()
         .take(published)
         .map(|e| Confirmed {
@@ -249,7 +254,7 @@ async fn redelivery_moves_an_event_back_once_and_keeps_it_findable() {
         panic!("a was archived");
     };
     // Durable and visible to the relay, marked, with its earlier attempts carried over.
-    let waiting = store.outbox_after(None, 10).unwrap();
+    let waiting = store.outbox_after(None, 10).unwrap().entries;
     let again = &waiting.iter().find(|e| e.seq == seq).unwrap().record;
     assert!(again.redelivered);
     assert_eq!(again.attempts_before, 2);

@@ -33,8 +33,8 @@ use sled::Transactional;
 use tokio::sync::{mpsc, oneshot};
 
 use super::codec::{
-    add_count, decode_archived, encode_keys, seq_key, DedupEntry, TimeIndexKey, ARCHIVE_COUNT,
-    DEDUP_COUNT, OUTBOX_COUNT,
+    add_count, decode_archived, decode_quarantined, encode_keys, seq_key, DedupEntry, TimeIndexKey,
+    ARCHIVE_COUNT, DEDUP_COUNT, OUTBOX_COUNT, QUARANTINE_COUNT,
 };
 use super::database::{open_database, Database, Slot};
 use super::error::StoreError;
@@ -63,15 +63,25 @@ pub enum Redelivery {
     Missing,
 }
 
+/// Where an event put back into the outbox comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shelf {
+    /// Published and kept for `archive_retention`.
+    Archive,
+    /// Set aside by the relay, which could not publish it.
+    Quarantine,
+}
+
 /// A message to the writer thread.
 enum Job {
     Accept {
         record: OutboxRecord,
         reply: oneshot::Sender<Result<Stored, StoreError>>,
     },
-    /// Put archived events back into the outbox (redeliver, redrive).
+    /// Put archived or quarantined events back into the outbox (redeliver, redrive).
     Redeliver {
         seqs: Vec<u64>,
+        from: Shelf,
         reply: oneshot::Sender<Result<Vec<Redelivery>, StoreError>>,
     },
     /// Reopen the database if a disk error left it unwritable.
@@ -118,10 +128,15 @@ impl Writer {
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Puts archived events back into the outbox, durably; one outcome per sequence number.
-    pub async fn redeliver(&self, seqs: Vec<u64>) -> Result<Vec<Redelivery>, StoreError> {
+    /// Puts archived or quarantined events back into the outbox, durably; one outcome per
+    /// sequence number.
+    pub async fn redeliver(
+        &self,
+        seqs: Vec<u64>,
+        from: Shelf,
+    ) -> Result<Vec<Redelivery>, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Job::Redeliver { seqs, reply }).await?;
+        self.send(Job::Redeliver { seqs, from, reply }).await?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -164,7 +179,7 @@ const REOPEN_WAIT: Duration = Duration::from_secs(5);
 /// The writer's loop; returns after a `Stop` or when every sender is gone.
 fn run(slot: Arc<Slot>, mut jobs: mpsc::Receiver<Job>) {
     let mut batch: Vec<(OutboxRecord, Reply)> = Vec::with_capacity(MAX_BATCH);
-    let mut redeliveries: Vec<(Vec<u64>, RedeliverReply)> = Vec::new();
+    let mut redeliveries: Vec<(Vec<u64>, Shelf, RedeliverReply)> = Vec::new();
     let mut last_reopen: Option<Instant> = None;
     loop {
         let mut stop = false;
@@ -174,7 +189,9 @@ fn run(slot: Arc<Slot>, mut jobs: mpsc::Receiver<Job>) {
             match next {
                 None | Some(Job::Stop) => stop = true,
                 Some(Job::Accept { record, reply }) => batch.push((record, reply)),
-                Some(Job::Redeliver { seqs, reply }) => redeliveries.push((seqs, reply)),
+                Some(Job::Redeliver { seqs, from, reply }) => {
+                    redeliveries.push((seqs, from, reply))
+                }
                 Some(Job::Recover) => recover = true,
             }
             if stop || batch.len() + redeliveries.len() >= MAX_BATCH {
@@ -204,7 +221,7 @@ fn run(slot: Arc<Slot>, mut jobs: mpsc::Receiver<Job>) {
                 for (_, reply) in batch.drain(..) {
                     let _ = reply.send(Err(StoreError::Unwritable(e.to_string())));
                 }
-                for (_, reply) in redeliveries.drain(..) {
+                for (_, _, reply) in redeliveries.drain(..) {
                     let _ = reply.send(Err(StoreError::Unwritable(e.to_string())));
                 }
             }
@@ -235,13 +252,13 @@ fn write_batch(
     slot: &Slot,
     database: &Database,
     batch: &mut Vec<(OutboxRecord, Reply)>,
-    redeliveries: &mut Vec<(Vec<u64>, RedeliverReply)>,
+    redeliveries: &mut Vec<(Vec<u64>, Shelf, RedeliverReply)>,
 ) {
     let outcomes = commit(slot, database, batch);
     // After the new events, so their sequence numbers stay in commit order.
     let redelivered: Vec<_> = redeliveries
         .iter()
-        .map(|(seqs, _)| put_back(slot, database, seqs))
+        .map(|(seqs, from, _)| put_back(slot, database, seqs, *from))
         .collect();
     let newest_redelivered = redelivered
         .iter()
@@ -285,7 +302,7 @@ fn write_batch(
         };
         let _ = reply.send(answer);
     }
-    for ((_, reply), outcome) in redeliveries.drain(..).zip(redelivered) {
+    for ((_, _, reply), outcome) in redeliveries.drain(..).zip(redelivered) {
         let answer = match (&failure, outcome) {
             (Some(reason), Ok(_)) => Err(StoreError::Unwritable(reason.clone())),
             (_, outcome) => outcome,
@@ -450,10 +467,16 @@ fn commit(slot: &Slot, database: &Database, batch: &[(OutboxRecord, Reply)]) -> 
     }
 }
 
-/// Moves archived events back into the outbox under new sequence numbers, marked as
-/// redelivered, in one transaction; their dedup entries follow them so the admin API still
-/// finds them by id. Room in the outbox is checked like for new events.
-fn put_back(slot: &Slot, database: &Database, seqs: &[u64]) -> Result<Vec<Redelivery>, StoreError> {
+/// Moves archived (or quarantined) events back into the outbox under new sequence numbers,
+/// marked as redelivered, in one transaction; their dedup entries follow them so the admin API
+/// still finds them by id. Room in the outbox is checked like for new events. A quarantined
+/// record that does not decode goes back byte for byte: the relay will set it aside again.
+fn put_back(
+    slot: &Slot,
+    database: &Database,
+    seqs: &[u64],
+    from: Shelf,
+) -> Result<Vec<Redelivery>, StoreError> {
     let room = slot.outbox_room();
     if seqs.len() as u64 > room {
         return Err(StoreError::Full {
@@ -467,19 +490,18 @@ fn put_back(slot: &Slot, database: &Database, seqs: &[u64]) -> Result<Vec<Redeli
         .map(|_| database.db.generate_id())
         .collect::<Result<Vec<u64>, _>>()
         .map_err(|e| StoreError::Unwritable(e.to_string()))?;
-    let trees = (
-        &database.archive,
-        &database.outbox,
-        &database.dedup,
-        &database.meta,
-    );
+    let (shelf, shelf_count, shelf_len) = match from {
+        Shelf::Archive => (&database.archive, ARCHIVE_COUNT, &slot.archive_len),
+        Shelf::Quarantine => (&database.quarantine, QUARANTINE_COUNT, &slot.quarantine_len),
+    };
+    let trees = (shelf, &database.outbox, &database.dedup, &database.meta);
     let outcomes = trees
-        .transaction(|(archive, outbox, dedup, meta)| {
+        .transaction(|(shelf, outbox, dedup, meta)| {
             let mut outcomes = Vec::with_capacity(seqs.len());
             let mut moved = 0i64;
             for (old, new) in seqs.iter().zip(&fresh) {
                 let old_key = seq_key(*old);
-                let Some(bytes) = archive.remove(&old_key[..])? else {
+                let Some(bytes) = shelf.remove(&old_key[..])? else {
                     let pending = outbox.get(&old_key[..])?.is_some();
                     outcomes.push(if pending {
                         Redelivery::Pending
@@ -488,26 +510,44 @@ fn put_back(slot: &Slot, database: &Database, seqs: &[u64]) -> Result<Vec<Redeli
                     });
                     continue;
                 };
-                let archived = decode_archived(&bytes)
-                    .map_err(|e| ConflictableTransactionError::Abort(StoreError::Record(e)))?;
-                let (attempts, mut record) = (archived.attempts, archived.record);
-                record.redelivered = true;
-                record.attempts_before = attempts;
-                outbox.insert(&seq_key(*new)[..], record.encode())?;
-                for key in record.dedup_keys() {
-                    let points_here = dedup
-                        .get(key.as_bytes())?
-                        .and_then(|v| DedupEntry::decode(&v))
-                        .filter(|e| e.seq == *old);
-                    if let Some(entry) = points_here {
-                        let moved_entry = DedupEntry { seq: *new, ..entry };
-                        dedup.insert(key.as_bytes(), &moved_entry.encode()[..])?;
+                let abort = |e| ConflictableTransactionError::Abort(StoreError::Record(e));
+                let record = match from {
+                    Shelf::Archive => {
+                        let archived = decode_archived(&bytes).map_err(abort)?;
+                        Ok((archived.attempts, archived.record))
+                    }
+                    Shelf::Quarantine => {
+                        let quarantined = decode_quarantined(&bytes).map_err(abort)?;
+                        match OutboxRecord::decode(&quarantined.outbox_bytes) {
+                            Ok(record) => Ok((record.attempts_before, record)),
+                            Err(_) => Err(quarantined.outbox_bytes),
+                        }
+                    }
+                };
+                match record {
+                    Ok((attempts, mut record)) => {
+                        record.redelivered = true;
+                        record.attempts_before = attempts;
+                        outbox.insert(&seq_key(*new)[..], record.encode())?;
+                        for key in record.dedup_keys() {
+                            let points_here = dedup
+                                .get(key.as_bytes())?
+                                .and_then(|v| DedupEntry::decode(&v))
+                                .filter(|e| e.seq == *old);
+                            if let Some(entry) = points_here {
+                                let moved_entry = DedupEntry { seq: *new, ..entry };
+                                dedup.insert(key.as_bytes(), &moved_entry.encode()[..])?;
+                            }
+                        }
+                    }
+                    Err(raw) => {
+                        outbox.insert(&seq_key(*new)[..], raw)?;
                     }
                 }
                 outcomes.push(Redelivery::Queued(*new));
                 moved += 1;
             }
-            add_count(meta, ARCHIVE_COUNT, -moved)?;
+            add_count(meta, shelf_count, -moved)?;
             add_count(meta, OUTBOX_COUNT, moved)?;
             Ok(outcomes)
         })
@@ -519,7 +559,7 @@ fn put_back(slot: &Slot, database: &Database, seqs: &[u64]) -> Result<Vec<Redeli
         .iter()
         .filter(|o| matches!(o, Redelivery::Queued(_)))
         .count() as u64;
-    slot.archive_len.fetch_sub(moved, Ordering::Relaxed);
+    shelf_len.fetch_sub(moved, Ordering::Relaxed);
     slot.outbox_len.fetch_add(moved, Ordering::Relaxed);
     Ok(outcomes)
 }

@@ -264,3 +264,112 @@ async fn redelivering_an_event_still_waiting_for_the_broker_is_a_conflict() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_record_that_cannot_be_decoded_is_quarantined_and_everything_behind_it_is_published() {
+    let connection = broker().await;
+    let queue = random_name("test.quarantine");
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let names = Names::random();
+    let config = Config::default()
+        .set("KALLINA_RELAY_ADMIN_TOKEN", TOKEN)
+        .file(&queue_file(&queue, "#"));
+
+    // Three events stored while the broker is away; then, with the relay stopped, the second
+    // record is overwritten by bytes no version of this relay reads.
+    let app = spawn_app_at(config.clone(), &data_dir, names.clone(), None).await;
+    let bodies: Vec<String> = (0..3)
+        .map(|i| event_body("call.ended", &format!("quarantine-{i}")))
+        .collect();
+    for body in &bodies {
+        assert_eq!(app.post_signed(body.clone()).await.status(), 202);
+    }
+    app.stop().await;
+    {
+        let db = sled::Config::new().path(&data_dir).open().unwrap();
+        let outbox = db.open_tree("outbox").unwrap();
+        let (second, _) = outbox.iter().nth(1).unwrap().unwrap();
+        outbox.insert(second, &b"\x09not a record"[..]).unwrap();
+        db.flush().unwrap();
+    }
+
+    let app = spawn_app_at(config.with_broker(BROKER_URL), &data_dir, names, None).await;
+    app.wait_outbox_empty().await;
+    let published: Vec<String> = drain_queue(&connection, &queue)
+        .await
+        .iter()
+        .map(message_id)
+        .collect();
+    assert_eq!(
+        published,
+        [
+            sha256_hex(bodies[0].as_bytes()),
+            sha256_hex(bodies[2].as_bytes())
+        ],
+        "the events around the bad record are published, in order"
+    );
+    assert!(app
+        .metrics()
+        .await
+        .contains("kallina_relay_quarantined_events 1"));
+    assert_eq!(app.readyz().await.1["store"]["quarantined_events"], 1);
+
+    let (status, list) = app.admin_get("/quarantine").await;
+    assert_eq!(status, 200, "{list}");
+    let events = list["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1, "{list}");
+    let reason = events[0]["reason"].as_str().unwrap();
+    assert!(reason.contains("unknown format version 9"), "{reason}");
+    assert_eq!(
+        events[0]["id"],
+        Value::Null,
+        "a record that does not decode has no id"
+    );
+    let seq = events[0]["seq"].as_str().unwrap().to_string();
+
+    // The CLI shows the same list.
+    let cli = std::process::Command::new(env!("CARGO_BIN_EXE_kallina-relay"))
+        .args([
+            "events",
+            "quarantine",
+            "list",
+            "--admin-url",
+            &app.admin_address,
+        ])
+        .env_clear()
+        .env("KALLINA_RELAY_ADMIN_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&cli.stdout);
+    assert!(
+        cli.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    assert!(
+        stdout.contains(&seq) && stdout.contains("unknown format version 9"),
+        "{stdout}"
+    );
+
+    // Put back, it is tried again; still unreadable, it returns to the quarantine under a new
+    // number, and nothing else is published.
+    let (status, answer) = app
+        .admin_post(&format!("/quarantine/{seq}/redeliver"), Value::Null)
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    wait_until(Duration::from_secs(30), "the record to return", || async {
+        let (_, list) = app.admin_get("/quarantine").await;
+        let events = list["events"].as_array().cloned().unwrap_or_default();
+        events.len() == 1 && events[0]["seq"].as_str() != Some(seq.as_str())
+    })
+    .await;
+    assert_eq!(
+        app.admin_post("/quarantine/999999/redeliver", Value::Null)
+            .await
+            .0,
+        404
+    );
+    assert!(drain_queue(&connection, &queue).await.is_empty());
+    app.stop_and_clean_broker(&connection, &[&queue]).await;
+}

@@ -15,9 +15,11 @@ use time::OffsetDateTime;
 
 use super::{error_chain, progress_bar, Failure, ServeArgs};
 mod client;
+mod quarantine;
 
 use crate::admin::contract::{EventDetail, EventList, EventSummary, Redelivered, RedriveStarted};
 use client::AdminClient;
+use quarantine::QuarantineArgs;
 
 const TIMES: &str = "Times (--since, --until) read RFC 3339 (2026-11-29T06:00:00Z), Unix \
 seconds, `now`, or an age: 90m, 2h, 7d mean that long ago.";
@@ -56,6 +58,8 @@ pub enum EventsCommand {
     /// Publish again every published event received in a time range, at the service's
     /// `redrive_rate`.
     Redrive(RedriveArgs),
+    /// Outbox records the relay could not publish and set aside: list them, put one back.
+    Quarantine(QuarantineArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -174,6 +178,9 @@ pub async fn run(args: EventsArgs, global: &ServeArgs) -> Result<(), Failure> {
         EventsCommand::Show(show_args) => show(&admin, &show_args).await,
         EventsCommand::Redeliver(redeliver_args) => redeliver(&admin, &redeliver_args).await,
         EventsCommand::Redrive(redrive_args) => redrive(&admin, &redrive_args).await,
+        EventsCommand::Quarantine(quarantine_args) => {
+            quarantine::run(&admin, &quarantine_args).await
+        }
     }
 }
 

@@ -21,11 +21,13 @@ use subtle::ConstantTimeEq;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+mod quarantine;
+
 use super::contract::{EventDetail, EventList, EventSummary, Redelivered, RedriveStarted};
 use super::Admin;
 use crate::http::{assign_request_id, respond, ApiError, Failure, RequestId};
 use crate::shutdown::Shutdown;
-use crate::store::{EventQuery, EventStatus, Redelivery, StoreError};
+use crate::store::{EventQuery, EventStatus, Redelivery, Shelf, StoreError};
 
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1000;
@@ -152,6 +154,11 @@ pub fn scope() -> Scope<
         .route("/events/{id}", web::get().to(show_event))
         .route("/events/{id}/redeliver", web::post().to(redeliver))
         .route("/redrive", web::post().to(redrive))
+        .route("/quarantine", web::get().to(quarantine::list))
+        .route(
+            "/quarantine/{seq}/redeliver",
+            web::post().to(quarantine::redeliver),
+        )
         .default_service(web::to(|req: HttpRequest| async move {
             respond(&AdminError::NotFound, &RequestId::of(&req))
         }))
@@ -229,25 +236,8 @@ fn list_query(params: ListParams) -> Result<EventQuery, AdminError> {
         Some("published") => Some(EventStatus::Published),
         Some(_) => return Err(AdminError::invalid("status", "`pending` or `published`")),
     };
-    let limit = match params.limit.as_deref() {
-        None => DEFAULT_LIMIT,
-        Some(text) => match text.parse::<usize>() {
-            Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
-            _ => {
-                return Err(AdminError::invalid(
-                    "limit",
-                    format!("a whole number from 1 to {MAX_LIMIT}"),
-                ))
-            }
-        },
-    };
-    let after = params
-        .cursor
-        .map(|c| {
-            c.parse::<u64>()
-                .map_err(|_| AdminError::invalid("cursor", "the `next_cursor` of a page"))
-        })
-        .transpose()?;
+    let limit = parse_limit(params.limit.as_deref())?;
+    let after = parse_cursor(params.cursor)?;
     Ok(EventQuery {
         since_ms: params
             .since
@@ -365,7 +355,7 @@ async fn run_redrive(admin: web::Data<Admin>, seqs: Vec<u64>) {
                 admin.metrics.redrive_pending.sub(left as i64);
                 return;
             }
-            match admin.store.redeliver(chunk.to_vec()).await {
+            match admin.store.redeliver(chunk.to_vec(), Shelf::Archive).await {
                 Ok(outcomes) => {
                     let queued = outcomes
                         .iter()
@@ -398,6 +388,28 @@ async fn pause_unless_stopped(shutdown: &mut Shutdown, pause: Duration) {
         _ = actix_web::rt::time::sleep(pause) => {}
         _ = shutdown.recv() => {}
     }
+}
+
+fn parse_limit(limit: Option<&str>) -> Result<usize, AdminError> {
+    match limit {
+        None => Ok(DEFAULT_LIMIT),
+        Some(text) => match text.parse::<usize>() {
+            Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+            _ => Err(AdminError::invalid(
+                "limit",
+                format!("a whole number from 1 to {MAX_LIMIT}"),
+            )),
+        },
+    }
+}
+
+fn parse_cursor(cursor: Option<String>) -> Result<Option<u64>, AdminError> {
+    cursor
+        .map(|c| {
+            c.parse::<u64>()
+                .map_err(|_| AdminError::invalid("cursor", "the `next_cursor` of a page"))
+        })
+        .transpose()
 }
 
 /// RFC 3339, or Unix seconds.
