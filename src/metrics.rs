@@ -44,6 +44,8 @@ pub struct Metrics {
     pub publish_errors: IntCounterVec,
     pub publish_confirm_duration: Histogram,
     pub broker_connected: IntGauge,
+    pub broker_blocked: IntGauge,
+    pub broker_connections: prometheus::IntCounter,
     pub delivery_lag: Histogram,
     archive_events: IntGauge,
     quarantined_events: IntGauge,
@@ -143,6 +145,21 @@ impl Metrics {
                 "kallina_relay_broker_connected",
                 "1 while the relay has a broker connection",
             ),
+            broker_blocked: int_gauge(
+                "kallina_relay_broker_blocked",
+                "1 while the broker has blocked publishing on the relay's connection (an alarm)",
+            ),
+            broker_connections: {
+                let c = prometheus::IntCounter::new(
+                    "kallina_relay_broker_connections_total",
+                    "Connections the relay opened to the broker (each reconnect counts)",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("unique metric");
+                c
+            },
             delivery_lag: histogram(
                 "kallina_relay_delivery_lag_seconds",
                 "Time from receiving an event to the broker's confirm",

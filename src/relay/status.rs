@@ -11,6 +11,10 @@ pub enum BrokerState {
     Connecting,
     /// Connected, topology declared, publishing.
     Connected,
+    /// Connected, but the broker refuses publishes for now (`connection.blocked`: a memory or
+    /// disk alarm). Nothing is published and no confirm is timed out until it unblocks; the
+    /// connection is kept, so the broker is not hammered with reconnects.
+    Blocked { reason: String },
     /// The last attempt failed; the relay retries with backoff.
     Disconnected { reason: String },
     /// A declaration clashes with what the broker has: an operator must act.

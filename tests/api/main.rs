@@ -2,6 +2,7 @@
 //! and the relay against a real RabbitMQ.
 
 mod admin;
+mod broker_faults;
 mod chaos;
 mod cli;
 mod consumers;
@@ -9,6 +10,7 @@ mod deploy;
 mod durability;
 mod helpers;
 mod hostile;
+mod own_broker;
 mod relay;
 mod replicas;
 mod tls;

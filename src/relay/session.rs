@@ -1,0 +1,385 @@
+//! One session: one connection and one confirm-mode channel, and what is in flight on it.
+//!
+//! The session fills the window (due retries first, then the outbox in order), then waits for
+//! whichever comes first: a confirm, newly durable events, a retry falling due, a broker event
+//! (an error ends the session; `connection.blocked` pauses it), the oldest confirm's deadline,
+//! or shutdown. While the broker has blocked the connection nothing is sent and no confirm is
+//! timed out: the connection is kept, so a broker in alarm is not hammered with reconnects.
+
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::stream::{FuturesOrdered, Stream, StreamExt};
+use lapin::options::BasicPublishOptions;
+use lapin::{Channel, Confirmation, Connection, Event};
+use tokio::sync::watch;
+use tokio::time::timeout;
+
+use super::message::properties;
+use super::{
+    backoff, classify, BrokerState, ConfirmOutcome, PendingConfirm, Relay, Retry, SessionError,
+    DELETE_BATCH, READ_AHEAD, RETRY_PAUSE_MIN,
+};
+use crate::metrics::event_label;
+use crate::shutdown::Shutdown;
+use crate::store::{unix_millis, Confirmed, OutboxEntry, OutboxRead, Unreadable};
+
+/// What a session has in flight and where it is in the outbox.
+struct Session {
+    channel: Channel,
+    pending: FuturesOrdered<PendingConfirm>,
+    /// When each publish still waiting for its confirm was sent, oldest first (confirms come
+    /// in order): the oldest bounds how long the session waits.
+    sent_at: VecDeque<Instant>,
+    confirmed: Vec<Confirmed>,
+    /// Nacked or returned records, by when they are due again.
+    retry: VecDeque<Retry>,
+    cursor: Option<u64>,
+    read_ahead: VecDeque<OutboxEntry>,
+    blocked: bool,
+    unblocked_at: Instant,
+}
+
+/// The connection's events: errors, blocks and unblocks.
+type BrokerEvents = Pin<Box<dyn Stream<Item = Event> + Send>>;
+
+/// What waiting ended with.
+enum Step {
+    Go,
+    Stop,
+}
+
+impl Relay {
+    /// One connection's life. `Ok` means shutdown was requested and handled.
+    pub(super) async fn session(
+        &self,
+        shutdown: &mut Shutdown,
+        failures: &mut u32,
+    ) -> Result<(), SessionError> {
+        let (connection, channel) = tokio::select! {
+            c = self.connect() => c?,
+            _ = shutdown.recv() => return Ok(()),
+        };
+        // The backoff grows on: a broker that accepts connections but not publishes (an alarm,
+        // a queue refusing) must not be reconnected to and sent the whole window every few
+        // seconds. It starts again at the first confirm.
+        self.status.set(BrokerState::Connected);
+        self.metrics.broker_connected.set(1);
+        self.metrics.broker_connections.inc();
+        tracing::info!(exchange = %self.options.topology.exchange, "relay connected; topology declared");
+
+        let mut events: BrokerEvents = Box::pin(connection.events_listener());
+        let mut durable = self.store.durability();
+        let mut session = Session {
+            channel: channel.clone(),
+            pending: FuturesOrdered::new(),
+            sent_at: VecDeque::new(),
+            confirmed: Vec::new(),
+            retry: VecDeque::new(),
+            cursor: None,
+            read_ahead: VecDeque::new(),
+            blocked: false,
+            unblocked_at: Instant::now(),
+        };
+        let result = loop {
+            if let Err(e) = self.fill(&mut session).await {
+                break Err(e);
+            }
+            let step = self
+                .wait(&mut session, &mut events, &mut durable, shutdown, failures)
+                .await;
+            match step {
+                Ok(Step::Go) => {}
+                Ok(Step::Stop) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        self.metrics.broker_blocked.set(0);
+        // Whatever the broker confirmed leaves the outbox, even when the session failed.
+        let removed = self.archive(&mut session.confirmed).await;
+        close(&connection, &channel, self.options.confirm_timeout).await;
+        removed?;
+        result
+    }
+
+    /// Sends what the window has room for; moves a batch of confirmed records to the archive.
+    async fn fill(&self, session: &mut Session) -> Result<(), SessionError> {
+        while !session.blocked && session.pending.len() < self.options.window {
+            let Some(next) = self.next_entry(session).await? else {
+                break;
+            };
+            let confirm = self.publish(&session.channel, next).await?;
+            session.pending.push_back(confirm);
+            session.sent_at.push_back(Instant::now());
+        }
+        let idle = session.pending.is_empty() && !session.confirmed.is_empty();
+        if session.confirmed.len() >= DELETE_BATCH || idle {
+            self.archive(&mut session.confirmed).await?;
+        }
+        Ok(())
+    }
+
+    /// A due retry, else the next outbox record, read ahead in chunks so that a full window
+    /// does not cost one outbox scan per publish. Records that do not decode are set aside, so
+    /// that nothing behind them waits.
+    async fn next_entry(&self, session: &mut Session) -> Result<Option<OutboxEntry>, SessionError> {
+        if session
+            .retry
+            .front()
+            .is_some_and(|r| r.due <= Instant::now())
+        {
+            return Ok(session.retry.pop_front().map(|r| r.entry));
+        }
+        while session.read_ahead.is_empty() {
+            let read = self.read_outbox(session.cursor).await?;
+            let Some(last) = read.last_seq() else { break };
+            session.cursor = Some(last);
+            self.quarantine(read.unreadable).await?;
+            session.read_ahead.extend(read.entries);
+        }
+        Ok(session.read_ahead.pop_front())
+    }
+
+    /// Waits for the next thing to act on, and acts on it.
+    async fn wait(
+        &self,
+        session: &mut Session,
+        events: &mut BrokerEvents,
+        durable: &mut watch::Receiver<u64>,
+        shutdown: &mut Shutdown,
+        failures: &mut u32,
+    ) -> Result<Step, SessionError> {
+        let limit = self.options.confirm_timeout;
+        let retry_due = session.retry.front().map(|r| r.due);
+        let has_room = !session.blocked && session.pending.len() < self.options.window;
+        // Time spent blocked does not count against a confirm.
+        let confirm_due = session
+            .sent_at
+            .front()
+            .map(|sent| *sent.max(&session.unblocked_at) + limit);
+        tokio::select! {
+            Some(outcome) = session.pending.next(), if !session.pending.is_empty() => {
+                session.sent_at.pop_front();
+                match self.settle(outcome, &mut session.confirmed)? {
+                    None => *failures = 0,
+                    Some(entry) => {
+                        let due = Instant::now() + self.retry_pause(entry.seq);
+                        let at = session.retry.partition_point(|r| r.due <= due);
+                        session.retry.insert(at, Retry { due, entry });
+                    }
+                }
+            }
+            _ = sleep_until_opt(confirm_due), if !session.blocked && confirm_due.is_some() => {
+                return Err(SessionError::Timeout(limit));
+            }
+            changed = durable.changed(), if has_room => {
+                if changed.is_err() {
+                    return Ok(Step::Stop);
+                }
+            }
+            _ = sleep_until_opt(retry_due), if retry_due.is_some() && has_room => {}
+            event = events.next() => self.on_event(session, event)?,
+            _ = shutdown.recv() => {
+                self.drain(&mut session.pending, &mut session.confirmed).await;
+                return Ok(Step::Stop);
+            }
+        }
+        Ok(Step::Go)
+    }
+
+    /// A connection event: an error ends the session; a block pauses it until the unblock.
+    fn on_event(&self, session: &mut Session, event: Option<Event>) -> Result<(), SessionError> {
+        match event {
+            Some(Event::Error(e)) => return Err(SessionError::Connection(e.to_string())),
+            Some(Event::ConnectionBlocked(reason)) => {
+                tracing::warn!(%reason, "the broker blocked publishing; waiting, connection kept");
+                session.blocked = true;
+                self.metrics.broker_blocked.set(1);
+                self.status.set(BrokerState::Blocked { reason });
+            }
+            Some(Event::ConnectionUnblocked) => {
+                tracing::info!("the broker unblocked publishing");
+                session.blocked = false;
+                session.unblocked_at = Instant::now();
+                self.metrics.broker_blocked.set(0);
+                self.status.set(BrokerState::Connected);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Sends one record; returns the future of its confirm.
+    async fn publish(
+        &self,
+        channel: &Channel,
+        entry: OutboxEntry,
+    ) -> Result<PendingConfirm, SessionError> {
+        let limit = self.options.confirm_timeout;
+        let published_at = Instant::now();
+        let record = &entry.record;
+        *self
+            .attempts_of()
+            .entry(entry.seq)
+            .or_insert(record.attempts_before) += 1;
+        let confirm = timeout(
+            limit,
+            channel.basic_publish(
+                self.options.topology.exchange.as_str().into(),
+                record.event.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &record.body,
+                properties(record),
+            ),
+        )
+        .await
+        .map_err(|_| SessionError::Timeout(limit))?
+        .map_err(|e| classify(channel, e))?;
+        let channel = channel.clone();
+        // Not timed out here: the session bounds the wait for the oldest confirm, and stops the
+        // clock while the broker has blocked the connection.
+        Ok(Box::pin(async move {
+            let result = confirm.await.map_err(|e| classify(&channel, e));
+            ConfirmOutcome {
+                entry,
+                published_at,
+                result,
+            }
+        }))
+    }
+
+    /// Books one confirm. Returns the record to publish again after a pause, if the broker
+    /// nacked or returned it; an error ends the session.
+    fn settle(
+        &self,
+        outcome: ConfirmOutcome,
+        confirmed: &mut Vec<Confirmed>,
+    ) -> Result<Option<OutboxEntry>, SessionError> {
+        let ConfirmOutcome {
+            entry,
+            published_at,
+            result,
+        } = outcome;
+        let record = &entry.record;
+        let failure = match result? {
+            Confirmation::Ack(None) => None,
+            Confirmation::Ack(Some(_returned)) => Some("returned"),
+            Confirmation::Nack(_) => Some("nack"),
+            Confirmation::NotRequested => {
+                return Err(SessionError::Channel(
+                    "the channel is not in confirm mode".into(),
+                ));
+            }
+        };
+        if let Some(reason) = failure {
+            self.metrics
+                .publish_errors
+                .with_label_values(&[reason])
+                .inc();
+            tracing::warn!(id = %record.key, event = %record.event, reason, "broker did not take the event; will retry");
+            return Ok(Some(entry));
+        }
+        let m = &self.metrics;
+        m.publish_confirm_duration
+            .observe(published_at.elapsed().as_secs_f64());
+        m.published
+            .with_label_values(&[event_label(Some(&record.event))])
+            .inc();
+        let lag_ms = unix_millis(SystemTime::now()).saturating_sub(record.received_at_ms);
+        m.delivery_lag.observe(lag_ms as f64 / 1000.0);
+        let attempts = self.attempts_of().remove(&entry.seq).unwrap_or(1);
+        confirmed.push(Confirmed {
+            seq: entry.seq,
+            attempts,
+        });
+        Ok(None)
+    }
+
+    /// The next durable outbox records after `cursor`, read on the blocking pool: sled may
+    /// read from disk, which must not stall the runtime's workers.
+    async fn read_outbox(&self, cursor: Option<u64>) -> Result<OutboxRead, SessionError> {
+        let store = self.store.clone();
+        Ok(tokio::task::spawn_blocking(move || store.outbox_after(cursor, READ_AHEAD)).await??)
+    }
+
+    /// How long a record the broker nacked or returned waits before it is sent again: growing
+    /// with the times it was sent, so that a queue refusing publishes (`reject-publish`) is not
+    /// sent the whole window every second.
+    fn retry_pause(&self, seq: u64) -> Duration {
+        let sent = self.attempts_of().get(&seq).copied().unwrap_or(1);
+        backoff(sent).max(RETRY_PAUSE_MIN)
+    }
+
+    /// Sets aside records that cannot be published however often they are tried.
+    async fn quarantine(&self, unreadable: Vec<Unreadable>) -> Result<(), SessionError> {
+        for record in unreadable {
+            tracing::error!(
+                seq = record.seq,
+                reason = %record.reason,
+                "an outbox record cannot be decoded; quarantined (see /admin/quarantine)"
+            );
+            let store = self.store.clone();
+            let reason = format!("cannot be decoded: {}", record.reason);
+            tokio::task::spawn_blocking(move || store.quarantine(record.seq, &reason)).await??;
+        }
+        Ok(())
+    }
+
+    /// Moves what the broker confirmed to the archive, on the blocking pool.
+    async fn archive(&self, confirmed: &mut Vec<Confirmed>) -> Result<(), SessionError> {
+        if confirmed.is_empty() {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        // Kept until the move succeeded: the end of the session tries again.
+        let batch = confirmed.clone();
+        tokio::task::spawn_blocking(move || store.archive_published(&batch)).await??;
+        confirmed.clear();
+        Ok(())
+    }
+
+    fn attempts_of(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u32>> {
+        self.attempts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// On shutdown: wait up to the grace period for the confirms still outstanding.
+    async fn drain(
+        &self,
+        pending: &mut FuturesOrdered<PendingConfirm>,
+        confirmed: &mut Vec<Confirmed>,
+    ) {
+        let outstanding = pending.len();
+        let deadline = tokio::time::Instant::now() + self.options.shutdown_grace;
+        while let Ok(Some(outcome)) = tokio::time::timeout_at(deadline, pending.next()).await {
+            if self.settle(outcome, confirmed).is_err() {
+                break;
+            }
+        }
+        tracing::info!(
+            outstanding,
+            confirmed = confirmed.len(),
+            left = pending.len(),
+            "relay drained"
+        );
+    }
+}
+
+async fn close(connection: &Connection, channel: &Channel, confirm_timeout: Duration) {
+    let limit = confirm_timeout.min(Duration::from_secs(5));
+    let _ = timeout(limit, channel.close(200, "kallina-relay stopping".into())).await;
+    let _ = timeout(
+        limit,
+        connection.close(200, "kallina-relay stopping".into()),
+    )
+    .await;
+}
+
+async fn sleep_until_opt(due: Option<Instant>) {
+    if let Some(due) = due {
+        tokio::time::sleep_until(due.into()).await;
+    }
+}

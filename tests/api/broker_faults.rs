@@ -1,0 +1,170 @@
+//! A broker that accepts connections but not publishes: a memory alarm (`connection.blocked`)
+//! on a node of the test's own, and a queue that refuses publishes (`reject-publish`, nacks).
+//! The relay waits rather than reconnecting, retries nacks with backoff, and loses nothing.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+
+use crate::helpers::*;
+use crate::own_broker::OwnBroker;
+
+/// Counts of each `message_id` that arrived: lost ones are missing, duplicates above 1.
+fn arrivals(messages: &[lapin::message::BasicGetMessage]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for message in messages {
+        *counts.entry(message_id(message)).or_default() += 1;
+    }
+    counts
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} in /metrics"))
+}
+
+#[tokio::test]
+async fn a_memory_alarm_blocks_publishing_without_reconnects_and_nothing_is_lost() {
+    let broker = OwnBroker::start().await;
+    let connection = lapin::Connection::connect(&broker.url(), Default::default())
+        .await
+        .unwrap();
+    let queue = random_name("test.blocked");
+    let app = spawn_app(
+        Config::default()
+            .with_broker(&broker.url())
+            .set("KALLINA_RELAY_CONFIRM_TIMEOUT", "2s")
+            .file(&queue_file(&queue, "#")),
+    )
+    .await;
+    app.wait_broker_connected().await;
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        let body = event_body("call.ended", &format!("before-{i}"));
+        assert_eq!(app.post_signed(body.clone()).await.status(), 202);
+        sent.push(sha256_hex(body.as_bytes()));
+    }
+    app.wait_outbox_empty().await;
+
+    // The alarm blocks a connection when it next publishes: events are still accepted.
+    broker.memory_alarm(true);
+    for i in 0..10 {
+        let body = event_body("call.ended", &format!("during-{i}"));
+        assert_eq!(app.post_signed(body.clone()).await.status(), 202);
+        sent.push(sha256_hex(body.as_bytes()));
+    }
+    wait_until(
+        Duration::from_secs(30),
+        "the relay to see the block",
+        || async { app.readyz().await.1["broker"]["state"] == "blocked" },
+    )
+    .await;
+    assert_eq!(
+        metric(&app.metrics().await, "kallina_relay_broker_blocked"),
+        1.0
+    );
+    // Several confirm timeouts long: a relay that timed its confirms out would reconnect now.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let metrics = app.metrics().await;
+    assert_eq!(
+        metric(&metrics, "kallina_relay_broker_connections_total"),
+        1.0,
+        "reconnected while blocked"
+    );
+    assert_eq!(app.readyz().await.1["broker"]["state"], "blocked");
+
+    broker.memory_alarm(false);
+    app.wait_outbox_empty().await;
+    assert_eq!(app.readyz().await.1["broker"]["state"], "connected");
+    let counts = arrivals(&drain_queue(&connection, &queue).await);
+    let lost: Vec<_> = sent.iter().filter(|id| !counts.contains_key(*id)).collect();
+    let duplicates: usize = counts.values().map(|n| n - 1).sum();
+    println!(
+        "memory alarm: {} sent, {} lost, {duplicates} duplicates",
+        sent.len(),
+        lost.len()
+    );
+    assert!(lost.is_empty(), "lost {lost:?}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn nacks_from_a_queue_refusing_publishes_are_retried_with_backoff_and_nothing_is_lost() {
+    let connection = broker().await;
+    let queue = random_name("test.reject");
+    let app = spawn_app(Config::default().with_broker(BROKER_URL)).await;
+    app.wait_broker_connected().await;
+    // A queue that holds three messages and refuses the rest with a nack.
+    let channel = connection.create_channel().await.unwrap();
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(3));
+    arguments.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions::default(),
+            arguments,
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            app.names.exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let mut sent = Vec::new();
+    for i in 0..12 {
+        let body = event_body("call.ended", &format!("reject-{i}"));
+        assert_eq!(app.post_signed(body.clone()).await.status(), 202);
+        sent.push(sha256_hex(body.as_bytes()));
+    }
+    // A slow consumer: a few messages at a time, while the relay retries the refused ones.
+    let mut messages = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while arrivals(&messages).len() < 12 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every event arrived within 90 s: {} of 12",
+            arrivals(&messages).len()
+        );
+        messages.extend(drain_queue(&connection, &queue).await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    app.wait_outbox_empty().await;
+    messages.extend(drain_queue(&connection, &queue).await);
+    let counts = arrivals(&messages);
+    let lost: Vec<_> = sent.iter().filter(|id| !counts.contains_key(*id)).collect();
+    let duplicates: usize = counts.values().map(|n| n - 1).sum();
+    let metrics = app.metrics().await;
+    let nacks = metric(
+        &metrics,
+        "kallina_relay_publish_errors_total{reason=\"nack\"}",
+    );
+    println!(
+        "reject-publish: 12 sent, {} lost, {duplicates} duplicates, {nacks} nacks",
+        lost.len()
+    );
+    assert!(
+        nacks > 0.0,
+        "the queue never refused a publish: the test proves nothing"
+    );
+    assert!(lost.is_empty(), "lost {lost:?}");
+    assert_eq!(
+        metric(&metrics, "kallina_relay_broker_connections_total"),
+        1.0,
+        "nacks are not a reason to reconnect"
+    );
+    app.stop_and_clean_broker(&connection, &[&queue]).await;
+}
