@@ -197,7 +197,14 @@ impl Metrics {
         for event in KNOWN_EVENTS.iter().chain(&["other"]) {
             metrics.published.with_label_values(&[event]);
         }
-        for reason in ["nack", "returned", "timeout", "connection", "channel"] {
+        for reason in [
+            "nack",
+            "returned",
+            "timeout",
+            "connection",
+            "channel",
+            "refused",
+        ] {
             metrics.publish_errors.with_label_values(&[reason]);
         }
         metrics

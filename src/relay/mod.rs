@@ -69,6 +69,10 @@ enum SessionError {
     Store(#[from] StoreError),
     #[error("outbox task failed: {0}")]
     StoreTask(#[from] tokio::task::JoinError),
+    /// The broker closed the channel over this record's publish with `PRECONDITION_FAILED`
+    /// (a message above its `max_message_size`, say): sending it again cannot work.
+    #[error("the broker refused outbox record {seq}: {reason}")]
+    Refused { seq: u64, reason: String },
 }
 
 impl SessionError {
@@ -78,6 +82,7 @@ impl SessionError {
             Self::Connection(_) => Some("connection"),
             Self::Channel(_) => Some("channel"),
             Self::Timeout(_) => Some("timeout"),
+            Self::Refused { .. } => Some("refused"),
             Self::Topology(_) | Self::Store(_) | Self::StoreTask(_) => None,
         }
     }
@@ -129,6 +134,8 @@ impl Relay {
     pub async fn run(self, mut shutdown: Shutdown) {
         let url = redact_url(self.options.amqp_url.expose());
         let mut failures: u32 = 0;
+        // Records the broker refused for good, by the sessions they ended.
+        let mut refused: HashMap<u64, u32> = HashMap::new();
         while !shutdown.is_triggered() {
             self.status.set(BrokerState::Connecting);
             let started = Instant::now();
@@ -157,6 +164,10 @@ impl Relay {
                 },
             };
             self.status.set(state);
+            if let SessionError::Refused { seq, reason } = &error {
+                self.set_aside_if_refused_again(&mut refused, *seq, reason)
+                    .await;
+            }
             failures = failures.saturating_add(1);
             let pause = backoff(failures);
             tracing::warn!(broker = %url, error = %error, retry_in_ms = pause.as_millis() as u64, "relay session ended");
@@ -167,6 +178,31 @@ impl Relay {
         }
         self.status.set(BrokerState::Stopped);
         tracing::info!("relay stopped");
+    }
+
+    /// A record the broker refused twice in a row, ending two sessions, is quarantined: the
+    /// first time may have been another record's fault (all pending confirms fail with the
+    /// channel), the second time it was first in line again.
+    async fn set_aside_if_refused_again(
+        &self,
+        refused: &mut HashMap<u64, u32>,
+        seq: u64,
+        reason: &str,
+    ) {
+        let times = refused.entry(seq).or_default();
+        *times += 1;
+        if *times < 2 {
+            return;
+        }
+        refused.remove(&seq);
+        tracing::error!(seq, %reason, "the broker refuses an outbox record; quarantined (see /admin/quarantine)");
+        let store = self.store.clone();
+        let reason = format!("refused by the broker: {reason}");
+        match tokio::task::spawn_blocking(move || store.quarantine(seq, &reason)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(seq, error = %e, "quarantining a refused record failed"),
+            Err(e) => tracing::error!(seq, error = %e, "quarantining a refused record failed"),
+        }
     }
 
     async fn connect(&self) -> Result<(Connection, Channel), SessionError> {

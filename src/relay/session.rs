@@ -12,11 +12,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::stream::{FuturesOrdered, Stream, StreamExt};
 use lapin::options::BasicPublishOptions;
+use lapin::protocol::AMQPSoftError;
 use lapin::{Channel, Confirmation, Connection, Event};
 use tokio::sync::watch;
 use tokio::time::timeout;
 
 use super::message::properties;
+use super::topology::refused_with;
 use super::{
     backoff, classify, BrokerState, ConfirmOutcome, PendingConfirm, Relay, Retry, SessionError,
     DELETE_BATCH, READ_AHEAD, RETRY_PAUSE_MIN,
@@ -243,7 +245,17 @@ impl Relay {
         // Not timed out here: the session bounds the wait for the oldest confirm, and stops the
         // clock while the broker has blocked the connection.
         Ok(Box::pin(async move {
-            let result = confirm.await.map_err(|e| classify(&channel, e));
+            let seq = entry.seq;
+            let result = confirm.await.map_err(|e| {
+                if refused_with(&e) == Some(&AMQPSoftError::PRECONDITIONFAILED) {
+                    SessionError::Refused {
+                        seq,
+                        reason: e.to_string(),
+                    }
+                } else {
+                    classify(&channel, e)
+                }
+            });
             ConfirmOutcome {
                 entry,
                 published_at,

@@ -168,3 +168,61 @@ async fn nacks_from_a_queue_refusing_publishes_are_retried_with_backoff_and_noth
     );
     app.stop_and_clean_broker(&connection, &[&queue]).await;
 }
+
+#[tokio::test]
+async fn a_record_the_broker_refuses_for_good_is_quarantined_and_the_rest_published() {
+    // A broker whose messages may be at most 4 KiB: a bigger event can never be published.
+    let broker = OwnBroker::start_with("max_message_size = 4096\n").await;
+    let connection = lapin::Connection::connect(&broker.url(), Default::default())
+        .await
+        .unwrap();
+    let queue = random_name("test.refused");
+    let token = "admin-token-for-tests-0123456789";
+    let app = spawn_app(
+        Config::default()
+            .with_broker(&broker.url())
+            .set("KALLINA_RELAY_ADMIN_TOKEN", token)
+            .file(&queue_file(&queue, "#")),
+    )
+    .await;
+    app.wait_broker_connected().await;
+    let bodies = [
+        event_body("call.ended", "small-before"),
+        event_body("call.ended", &"big".repeat(3000)),
+        event_body("call.ended", "small-after"),
+    ];
+    for body in &bodies {
+        assert_eq!(app.post_signed(body.clone()).await.status(), 202);
+    }
+    app.wait_outbox_empty().await;
+    let published: Vec<String> = drain_queue(&connection, &queue)
+        .await
+        .iter()
+        .map(message_id)
+        .collect();
+    let small: Vec<String> = [&bodies[0], &bodies[2]]
+        .iter()
+        .map(|b| sha256_hex(b.as_bytes()))
+        .collect();
+    assert_eq!(
+        published, small,
+        "the events around the refused one are published"
+    );
+    let list: serde_json::Value = app
+        .client
+        .get(format!("{}/admin/quarantine", app.admin_address))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let events = list["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1, "{list}");
+    assert_eq!(events[0]["id"], sha256_hex(bodies[1].as_bytes()).as_str());
+    let reason = events[0]["reason"].as_str().unwrap();
+    println!("refused for good: {reason}");
+    assert!(reason.starts_with("refused by the broker"), "{reason}");
+    app.stop().await;
+}

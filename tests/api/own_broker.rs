@@ -20,6 +20,11 @@ pub struct OwnBroker {
 
 impl OwnBroker {
     pub async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    /// A node with these lines added to its `rabbitmq.conf`.
+    pub async fn start_with(config: &str) -> Self {
         assert!(
             std::path::Path::new(SERVER).exists(),
             "{SERVER} is missing: these tests run RabbitMQ nodes of their own from Debian's \
@@ -33,7 +38,7 @@ impl OwnBroker {
         std::fs::create_dir_all(path("log")).unwrap();
         std::fs::write(
             path("rabbitmq.conf"),
-            format!("listeners.tcp.default = {port}\n"),
+            format!("listeners.tcp.default = {port}\n{config}"),
         )
         .unwrap();
         // No plugins: the management plugin would want ports of its own.
