@@ -22,20 +22,18 @@
 //! on sled, sequence numbers are assigned in commit order without a lock, and
 //! `flush_async` from seven or more tasks at once hangs on sled 0.34.7 (sled issue #1308).
 
-use std::collections::HashSet;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::Transactional;
 use tokio::sync::{mpsc, oneshot};
 
-use super::codec::{
-    add_count, decode_archived, decode_quarantined, encode_keys, seq_key, DedupEntry, TimeIndexKey,
-    ARCHIVE_COUNT, DEDUP_COUNT, OUTBOX_COUNT, QUARANTINE_COUNT,
-};
+mod commit;
+mod put_back;
+
+use commit::commit;
+use put_back::put_back;
+
 use super::database::{open_database, Database, Slot};
 use super::error::StoreError;
 use super::record::OutboxRecord;
@@ -352,216 +350,6 @@ fn reopen(slot: &Slot) -> Result<(), StoreError> {
     });
     slot.install(database, counts);
     Ok(())
-}
-
-type Outcome = Result<(Stored, u64), StoreError>;
-
-/// A batch's event that is new: its place in the batch, the sequence number drawn for it, its
-/// dedup keys and its encoded outbox record.
-struct NewEvent {
-    index: usize,
-    seq: u64,
-    keys: Vec<String>,
-    encoded: Vec<u8>,
-}
-
-/// Writes a batch in one transaction: for each new event its dedup keys and outbox record, and
-/// for the batch one time-index entry listing its keys (the sweeper's work list). An event one
-/// of whose keys is already stored, or was seen earlier in the batch, is a duplicate; new
-/// events beyond the outbox capacity are refused.
-///
-/// The "seen before?" reads happen before the transaction, outside it: this thread is the only
-/// writer, so nothing can add a key in between, and the transaction stays a pure write (which
-/// measured a quarter cheaper per event than reading inside it).
-fn commit(slot: &Slot, database: &Database, batch: &[(OutboxRecord, Reply)]) -> Vec<Outcome> {
-    let mut outcomes: Vec<Outcome> = Vec::with_capacity(batch.len());
-    let mut new: Vec<NewEvent> = Vec::new();
-    let mut seen_in_batch: HashSet<String> = HashSet::new();
-    let room = slot.outbox_room();
-    for (i, (record, _)) in batch.iter().enumerate() {
-        let keys = record.dedup_keys();
-        let stored = keys.iter().try_fold(false, |seen, key| {
-            Ok::<_, sled::Error>(seen || database.dedup.get(key.as_bytes())?.is_some())
-        });
-        let outcome = match stored {
-            Err(e) => Err(StoreError::Unwritable(e.to_string())),
-            Ok(true) => Ok((Stored::Duplicate, 0)),
-            Ok(false) if keys.iter().any(|k| seen_in_batch.contains(k)) => {
-                Ok((Stored::Duplicate, 0))
-            }
-            Ok(false) if new.len() as u64 >= room => Err(StoreError::Full {
-                capacity: slot.options.outbox_max,
-            }),
-            Ok(false) => match database.db.generate_id() {
-                Err(e) => Err(StoreError::Unwritable(e.to_string())),
-                Ok(seq) => {
-                    seen_in_batch.extend(keys.iter().cloned());
-                    new.push(NewEvent {
-                        index: i,
-                        seq,
-                        keys,
-                        encoded: record.encode(),
-                    });
-                    Ok((Stored::New, seq))
-                }
-            },
-        };
-        outcomes.push(outcome);
-    }
-    if new.is_empty() {
-        return outcomes;
-    }
-    let newest_ms = new
-        .iter()
-        .map(|n| batch[n.index].0.received_at_ms)
-        .max()
-        .unwrap_or(0);
-    let index_key = TimeIndexKey {
-        newest_received_at_ms: newest_ms,
-        first_seq: new[0].seq,
-    }
-    .encode();
-    let index_value = encode_keys(new.iter().flat_map(|n| n.keys.iter().map(String::as_str)));
-    let added_events = new.len() as i64;
-    let added_keys = new.iter().map(|n| n.keys.len()).sum::<usize>() as i64;
-    let trees = (
-        &database.dedup,
-        &database.dedup_by_time,
-        &database.outbox,
-        &database.meta,
-    );
-    let result = trees.transaction(|(dedup, by_time, outbox, meta)| {
-        for event in &new {
-            let entry = DedupEntry {
-                received_at_ms: batch[event.index].0.received_at_ms,
-                seq: event.seq,
-            };
-            for key in &event.keys {
-                dedup.insert(key.as_bytes(), &entry.encode()[..])?;
-            }
-            outbox.insert(&seq_key(event.seq)[..], event.encoded.as_slice())?;
-        }
-        by_time.insert(&index_key[..], index_value.as_slice())?;
-        add_count(meta, OUTBOX_COUNT, added_events)?;
-        add_count(meta, DEDUP_COUNT, added_keys)?;
-        Ok::<_, ConflictableTransactionError<()>>(())
-    });
-    match result {
-        Ok(()) => {
-            slot.outbox_len
-                .fetch_add(added_events as u64, Ordering::Relaxed);
-            slot.dedup_len
-                .fetch_add(added_keys as u64, Ordering::Relaxed);
-            outcomes
-        }
-        Err(e) => {
-            let reason = match e {
-                TransactionError::Abort(()) => "transaction aborted".to_string(),
-                TransactionError::Storage(e) => e.to_string(),
-            };
-            for event in &new {
-                outcomes[event.index] = Err(StoreError::Unwritable(reason.clone()));
-            }
-            outcomes
-        }
-    }
-}
-
-/// Moves archived (or quarantined) events back into the outbox under new sequence numbers,
-/// marked as redelivered, in one transaction; their dedup entries follow them so the admin API
-/// still finds them by id. Room in the outbox is checked like for new events. A quarantined
-/// record that does not decode goes back byte for byte: the relay will set it aside again.
-fn put_back(
-    slot: &Slot,
-    database: &Database,
-    seqs: &[u64],
-    from: Shelf,
-) -> Result<Vec<Redelivery>, StoreError> {
-    let room = slot.outbox_room();
-    if seqs.len() as u64 > room {
-        return Err(StoreError::Full {
-            capacity: slot.options.outbox_max,
-        });
-    }
-    // Numbers are drawn outside the transaction, which may run more than once; unused ones
-    // are only gaps.
-    let fresh = seqs
-        .iter()
-        .map(|_| database.db.generate_id())
-        .collect::<Result<Vec<u64>, _>>()
-        .map_err(|e| StoreError::Unwritable(e.to_string()))?;
-    let (shelf, shelf_count, shelf_len) = match from {
-        Shelf::Archive => (&database.archive, ARCHIVE_COUNT, &slot.archive_len),
-        Shelf::Quarantine => (&database.quarantine, QUARANTINE_COUNT, &slot.quarantine_len),
-    };
-    let trees = (shelf, &database.outbox, &database.dedup, &database.meta);
-    let outcomes = trees
-        .transaction(|(shelf, outbox, dedup, meta)| {
-            let mut outcomes = Vec::with_capacity(seqs.len());
-            let mut moved = 0i64;
-            for (old, new) in seqs.iter().zip(&fresh) {
-                let old_key = seq_key(*old);
-                let Some(bytes) = shelf.remove(&old_key[..])? else {
-                    let pending = outbox.get(&old_key[..])?.is_some();
-                    outcomes.push(if pending {
-                        Redelivery::Pending
-                    } else {
-                        Redelivery::Missing
-                    });
-                    continue;
-                };
-                let abort = |e| ConflictableTransactionError::Abort(StoreError::Record(e));
-                let record = match from {
-                    Shelf::Archive => {
-                        let archived = decode_archived(&bytes).map_err(abort)?;
-                        Ok((archived.attempts, archived.record))
-                    }
-                    Shelf::Quarantine => {
-                        let quarantined = decode_quarantined(&bytes).map_err(abort)?;
-                        match OutboxRecord::decode(&quarantined.outbox_bytes) {
-                            Ok(record) => Ok((record.attempts_before, record)),
-                            Err(_) => Err(quarantined.outbox_bytes),
-                        }
-                    }
-                };
-                match record {
-                    Ok((attempts, mut record)) => {
-                        record.redelivered = true;
-                        record.attempts_before = attempts;
-                        outbox.insert(&seq_key(*new)[..], record.encode())?;
-                        for key in record.dedup_keys() {
-                            let points_here = dedup
-                                .get(key.as_bytes())?
-                                .and_then(|v| DedupEntry::decode(&v))
-                                .filter(|e| e.seq == *old);
-                            if let Some(entry) = points_here {
-                                let moved_entry = DedupEntry { seq: *new, ..entry };
-                                dedup.insert(key.as_bytes(), &moved_entry.encode()[..])?;
-                            }
-                        }
-                    }
-                    Err(raw) => {
-                        outbox.insert(&seq_key(*new)[..], raw)?;
-                    }
-                }
-                outcomes.push(Redelivery::Queued(*new));
-                moved += 1;
-            }
-            add_count(meta, shelf_count, -moved)?;
-            add_count(meta, OUTBOX_COUNT, moved)?;
-            Ok(outcomes)
-        })
-        .map_err(|e| match e {
-            TransactionError::Abort(e) => e,
-            TransactionError::Storage(e) => StoreError::Unwritable(e.to_string()),
-        })?;
-    let moved = outcomes
-        .iter()
-        .filter(|o| matches!(o, Redelivery::Queued(_)))
-        .count() as u64;
-    shelf_len.fetch_sub(moved, Ordering::Relaxed);
-    slot.outbox_len.fetch_add(moved, Ordering::Relaxed);
-    Ok(outcomes)
 }
 
 /// Makes the batch just written durable; on failure the database is retired, because the

@@ -1,0 +1,112 @@
+//! Putting archived or quarantined events back into the outbox (redeliver, redrive).
+
+use std::sync::atomic::Ordering;
+
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+use super::{Redelivery, Shelf};
+use crate::store::codec::{
+    add_count, decode_archived, decode_quarantined, seq_key, DedupEntry, ARCHIVE_COUNT,
+    OUTBOX_COUNT, QUARANTINE_COUNT,
+};
+use crate::store::database::{Database, Slot};
+use crate::store::error::StoreError;
+use crate::store::record::OutboxRecord;
+
+/// Moves archived (or quarantined) events back into the outbox under new sequence numbers,
+/// marked as redelivered, in one transaction; their dedup entries follow them so the admin API
+/// still finds them by id. Room in the outbox is checked like for new events. A quarantined
+/// record that does not decode goes back byte for byte: the relay will set it aside again.
+pub(super) fn put_back(
+    slot: &Slot,
+    database: &Database,
+    seqs: &[u64],
+    from: Shelf,
+) -> Result<Vec<Redelivery>, StoreError> {
+    let room = slot.outbox_room();
+    if seqs.len() as u64 > room {
+        return Err(StoreError::Full {
+            capacity: slot.options.outbox_max,
+        });
+    }
+    // Numbers are drawn outside the transaction, which may run more than once; unused ones
+    // are only gaps.
+    let fresh = seqs
+        .iter()
+        .map(|_| database.db.generate_id())
+        .collect::<Result<Vec<u64>, _>>()
+        .map_err(|e| StoreError::Unwritable(e.to_string()))?;
+    let (shelf, shelf_count, shelf_len) = match from {
+        Shelf::Archive => (&database.archive, ARCHIVE_COUNT, &slot.archive_len),
+        Shelf::Quarantine => (&database.quarantine, QUARANTINE_COUNT, &slot.quarantine_len),
+    };
+    let trees = (shelf, &database.outbox, &database.dedup, &database.meta);
+    let outcomes = trees
+        .transaction(|(shelf, outbox, dedup, meta)| {
+            let mut outcomes = Vec::with_capacity(seqs.len());
+            let mut moved = 0i64;
+            for (old, new) in seqs.iter().zip(&fresh) {
+                let old_key = seq_key(*old);
+                let Some(bytes) = shelf.remove(&old_key[..])? else {
+                    let pending = outbox.get(&old_key[..])?.is_some();
+                    outcomes.push(if pending {
+                        Redelivery::Pending
+                    } else {
+                        Redelivery::Missing
+                    });
+                    continue;
+                };
+                let abort = |e| ConflictableTransactionError::Abort(StoreError::Record(e));
+                let record = match from {
+                    Shelf::Archive => {
+                        let archived = decode_archived(&bytes).map_err(abort)?;
+                        Ok((archived.attempts, archived.record))
+                    }
+                    Shelf::Quarantine => {
+                        let quarantined = decode_quarantined(&bytes).map_err(abort)?;
+                        match OutboxRecord::decode(&quarantined.outbox_bytes) {
+                            Ok(record) => Ok((record.attempts_before, record)),
+                            Err(_) => Err(quarantined.outbox_bytes),
+                        }
+                    }
+                };
+                match record {
+                    Ok((attempts, mut record)) => {
+                        record.redelivered = true;
+                        record.attempts_before = attempts;
+                        outbox.insert(&seq_key(*new)[..], record.encode())?;
+                        for key in record.dedup_keys() {
+                            let points_here = dedup
+                                .get(key.as_bytes())?
+                                .and_then(|v| DedupEntry::decode(&v))
+                                .filter(|e| e.seq == *old);
+                            if let Some(entry) = points_here {
+                                let moved_entry = DedupEntry { seq: *new, ..entry };
+                                dedup.insert(key.as_bytes(), &moved_entry.encode()[..])?;
+                            }
+                        }
+                    }
+                    Err(raw) => {
+                        outbox.insert(&seq_key(*new)[..], raw)?;
+                    }
+                }
+                outcomes.push(Redelivery::Queued(*new));
+                moved += 1;
+            }
+            add_count(meta, shelf_count, -moved)?;
+            add_count(meta, OUTBOX_COUNT, moved)?;
+            Ok(outcomes)
+        })
+        .map_err(|e| match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => StoreError::Unwritable(e.to_string()),
+        })?;
+    let moved = outcomes
+        .iter()
+        .filter(|o| matches!(o, Redelivery::Queued(_)))
+        .count() as u64;
+    shelf_len.fetch_sub(moved, Ordering::Relaxed);
+    slot.outbox_len.fetch_add(moved, Ordering::Relaxed);
+    Ok(outcomes)
+}
