@@ -1,4 +1,5 @@
-//! The memory budget of request bodies: `max_inflight_body` bytes held at once across every
+//! The memory budget of request bodies: `max_inflight_body` bytes (48 MiB by default) held at
+//! once across every
 //! connection, taken as the bytes arrive (never from a `Content-Length` that may be a lie) and
 //! given back when the request is answered.
 //!

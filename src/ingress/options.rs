@@ -56,7 +56,7 @@ pub const MAX_INFLIGHT_BODY: Setting<usize> = Setting::new(
         "KALLINA_RELAY_MAX_INFLIGHT_BODY",
         "bytes of request bodies held at once across all connections; past it, 503",
     )
-    .default("64MiB")
+    .default("48MiB")
     .note("at least `max_body`; an eighth is kept for bodies of at most 64 KiB"),
     |f| f.bytes(1 << 20, 16 << 30).map(|n| n as usize),
 );

@@ -16,7 +16,8 @@
 //! The backoff between sessions starts again only at a confirm (or after a session that lived a
 //! minute), not at a successful connect: a broker that accepts connections but not publishes is
 //! not reconnected to every few seconds. A `connection.blocked` (memory or disk alarm) pauses
-//! the session with the connection kept ([`session`]).
+//! the session with the connection kept ([`session`]). A record the broker refuses for good
+//! (`PRECONDITION_FAILED` on its publish) is found by sending one at a time, and quarantined.
 
 mod message;
 pub mod options;
@@ -69,10 +70,16 @@ enum SessionError {
     Store(#[from] StoreError),
     #[error("outbox task failed: {0}")]
     StoreTask(#[from] tokio::task::JoinError),
-    /// The broker closed the channel over this record's publish with `PRECONDITION_FAILED`
-    /// (a message above its `max_message_size`, say): sending it again cannot work.
+    /// The broker closed the channel with `PRECONDITION_FAILED` (a message above its
+    /// `max_message_size`, say) while this record's confirm was the oldest awaited. Only when it
+    /// was the one publish in flight (`alone`) is it surely the one refused: with several in
+    /// flight the broker may close the channel before it acks the ones it took.
     #[error("the broker refused outbox record {seq}: {reason}")]
-    Refused { seq: u64, reason: String },
+    Refused {
+        seq: u64,
+        reason: String,
+        alone: bool,
+    },
 }
 
 impl SessionError {
@@ -134,12 +141,15 @@ impl Relay {
     pub async fn run(self, mut shutdown: Shutdown) {
         let url = redact_url(self.options.amqp_url.expose());
         let mut failures: u32 = 0;
-        // Records the broker refused for good, by the sessions they ended.
-        let mut refused: HashMap<u64, u32> = HashMap::new();
+        // After a refusal with several publishes in flight, the next session sends one at a
+        // time until this many were confirmed, to find the record at fault.
+        let mut one_by_one = 0;
         while !shutdown.is_triggered() {
             self.status.set(BrokerState::Connecting);
             let started = Instant::now();
-            let result = self.session(&mut shutdown, &mut failures).await;
+            let result = self
+                .session(&mut shutdown, &mut failures, &mut one_by_one)
+                .await;
             // A session that lived long was healthy, even if it published nothing.
             if started.elapsed() >= HEALTHY_SESSION {
                 failures = 0;
@@ -164,9 +174,12 @@ impl Relay {
                 },
             };
             self.status.set(state);
-            if let SessionError::Refused { seq, reason } = &error {
-                self.set_aside_if_refused_again(&mut refused, *seq, reason)
-                    .await;
+            if let SessionError::Refused { seq, reason, alone } = &error {
+                if *alone {
+                    self.set_aside_refused(*seq, reason).await;
+                } else {
+                    one_by_one = self.options.window;
+                }
             }
             failures = failures.saturating_add(1);
             let pause = backoff(failures);
@@ -180,21 +193,9 @@ impl Relay {
         tracing::info!("relay stopped");
     }
 
-    /// A record the broker refused twice in a row, ending two sessions, is quarantined: the
-    /// first time may have been another record's fault (all pending confirms fail with the
-    /// channel), the second time it was first in line again.
-    async fn set_aside_if_refused_again(
-        &self,
-        refused: &mut HashMap<u64, u32>,
-        seq: u64,
-        reason: &str,
-    ) {
-        let times = refused.entry(seq).or_default();
-        *times += 1;
-        if *times < 2 {
-            return;
-        }
-        refused.remove(&seq);
+    /// A record the broker refused while it was the one publish in flight is quarantined:
+    /// sending it again cannot work.
+    async fn set_aside_refused(&self, seq: u64, reason: &str) {
         tracing::error!(seq, %reason, "the broker refuses an outbox record; quarantined (see /admin/quarantine)");
         let store = self.store.clone();
         let reason = format!("refused by the broker: {reason}");

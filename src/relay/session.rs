@@ -41,10 +41,23 @@ struct Session {
     read_ahead: VecDeque<OutboxEntry>,
     blocked: bool,
     unblocked_at: Instant,
+    /// Confirms still to see with one publish in flight at a time (after a refusal).
+    one_by_one: usize,
 }
 
 /// The connection's events: errors, blocks and unblocks.
 type BrokerEvents = Pin<Box<dyn Stream<Item = Event> + Send>>;
+
+impl Session {
+    /// Publishes in flight at most: one at a time while looking for a refused record.
+    fn window(&self, configured: usize) -> usize {
+        if self.one_by_one > 0 {
+            1
+        } else {
+            configured
+        }
+    }
+}
 
 /// What waiting ended with.
 enum Step {
@@ -58,6 +71,7 @@ impl Relay {
         &self,
         shutdown: &mut Shutdown,
         failures: &mut u32,
+        one_by_one: &mut usize,
     ) -> Result<(), SessionError> {
         let (connection, channel) = tokio::select! {
             c = self.connect() => c?,
@@ -83,6 +97,7 @@ impl Relay {
             read_ahead: VecDeque::new(),
             blocked: false,
             unblocked_at: Instant::now(),
+            one_by_one: *one_by_one,
         };
         let result = loop {
             if let Err(e) = self.fill(&mut session).await {
@@ -97,6 +112,7 @@ impl Relay {
                 Err(e) => break Err(e),
             }
         };
+        *one_by_one = session.one_by_one;
         self.metrics.broker_blocked.set(0);
         // Whatever the broker confirmed leaves the outbox, even when the session failed.
         let removed = self.archive(&mut session.confirmed).await;
@@ -107,7 +123,7 @@ impl Relay {
 
     /// Sends what the window has room for; moves a batch of confirmed records to the archive.
     async fn fill(&self, session: &mut Session) -> Result<(), SessionError> {
-        while !session.blocked && session.pending.len() < self.options.window {
+        while !session.blocked && session.pending.len() < session.window(self.options.window) {
             let Some(next) = self.next_entry(session).await? else {
                 break;
             };
@@ -154,7 +170,8 @@ impl Relay {
     ) -> Result<Step, SessionError> {
         let limit = self.options.confirm_timeout;
         let retry_due = session.retry.front().map(|r| r.due);
-        let has_room = !session.blocked && session.pending.len() < self.options.window;
+        let has_room =
+            !session.blocked && session.pending.len() < session.window(self.options.window);
         // Time spent blocked does not count against a confirm.
         let confirm_due = session
             .sent_at
@@ -163,8 +180,12 @@ impl Relay {
         tokio::select! {
             Some(outcome) = session.pending.next(), if !session.pending.is_empty() => {
                 session.sent_at.pop_front();
-                match self.settle(outcome, &mut session.confirmed)? {
-                    None => *failures = 0,
+                let alone = session.pending.is_empty();
+                match self.settle(outcome, &mut session.confirmed, alone)? {
+                    None => {
+                        *failures = 0;
+                        session.one_by_one = session.one_by_one.saturating_sub(1);
+                    }
                     Some(entry) => {
                         let due = Instant::now() + self.retry_pause(entry.seq);
                         let at = session.retry.partition_point(|r| r.due <= due);
@@ -251,6 +272,7 @@ impl Relay {
                     SessionError::Refused {
                         seq,
                         reason: e.to_string(),
+                        alone: false,
                     }
                 } else {
                     classify(&channel, e)
@@ -270,12 +292,19 @@ impl Relay {
         &self,
         outcome: ConfirmOutcome,
         confirmed: &mut Vec<Confirmed>,
+        alone: bool,
     ) -> Result<Option<OutboxEntry>, SessionError> {
         let ConfirmOutcome {
             entry,
             published_at,
             result,
         } = outcome;
+        let result = result.map_err(|e| match e {
+            SessionError::Refused { seq, reason, .. } => {
+                SessionError::Refused { seq, reason, alone }
+            }
+            other => other,
+        });
         let record = &entry.record;
         let failure = match result? {
             Confirmation::Ack(None) => None,
@@ -367,7 +396,7 @@ impl Relay {
         let outstanding = pending.len();
         let deadline = tokio::time::Instant::now() + self.options.shutdown_grace;
         while let Ok(Some(outcome)) = tokio::time::timeout_at(deadline, pending.next()).await {
-            if self.settle(outcome, confirmed).is_err() {
+            if self.settle(outcome, confirmed, false).is_err() {
                 break;
             }
         }

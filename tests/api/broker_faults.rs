@@ -20,6 +20,14 @@ fn arrivals(messages: &[lapin::message::BasicGetMessage]) -> BTreeMap<String, us
     counts
 }
 
+fn arrivals_of_ids(ids: &[String]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for id in ids {
+        *counts.entry(id.clone()).or_default() += 1;
+    }
+    counts
+}
+
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
@@ -200,13 +208,17 @@ async fn a_record_the_broker_refuses_for_good_is_quarantined_and_the_rest_publis
         .iter()
         .map(message_id)
         .collect();
-    let small: Vec<String> = [&bodies[0], &bodies[2]]
+    // At least once: a publish in flight when the broker closed the channel is sent again.
+    let small: BTreeMap<String, usize> = [&bodies[0], &bodies[2]]
         .iter()
-        .map(|b| sha256_hex(b.as_bytes()))
+        .map(|b| (sha256_hex(b.as_bytes()), 1))
         .collect();
+    let counts = arrivals_of_ids(&published);
+    println!("refused for good: the others arrived {counts:?}");
     assert_eq!(
-        published, small,
-        "the events around the refused one are published"
+        counts.keys().collect::<Vec<_>>(),
+        small.keys().collect::<Vec<_>>(),
+        "the events around the refused one are published, and it is not"
     );
     let list: serde_json::Value = app
         .client

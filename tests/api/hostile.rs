@@ -196,7 +196,7 @@ async fn floods_of_hostile_requests_get_answers_and_memory_stays_bounded() {
 const FLOOD_DECLARED: usize = 1_048_000;
 const FLOOD_SENT: usize = 1_038_000;
 const FLOOD_CLIENTS: usize = 500;
-const BUDGET_MIB: u64 = 64;
+const BUDGET_MIB: u64 = 48;
 /// What actix-http may buffer of one connection before a handler reads it: its read buffer
 /// (up to 128 KiB) and its payload queue (32 KiB).
 const HTTP_LAYER_PER_CONNECTION: usize = 160 * 1024;
@@ -311,10 +311,11 @@ async fn a_flood_of_unfinished_bodies_is_held_to_the_budget_and_real_events_get_
         holding >> 20,
         peak >> 20
     );
-    // The budget bounds the bodies the relay holds. Beneath it, the HTTP layer buffers up to
-    // HTTP_LAYER_PER_CONNECTION of every open connection before any handler reads it (measured:
-    // 50 held connections +78 MB, 500 connections of which 56 held +125..218 MB; without the
-    // budget the same flood reached +824 MB).
+    // The budget bounds the bodies the relay holds; what the HTTP layer buffers of each open
+    // connection (up to HTTP_LAYER_PER_CONNECTION) and the allocator's overhead come on top.
+    // Measured with the default 48 MiB: peaks of baseline + 102..166 MB over 11 runs, under the
+    // issue's baseline + budget + 128 MiB each time but with as little as 10 MB to spare, hence
+    // the per-connection allowance here; without the budget the same flood took +824 MB.
     let bound =
         baseline + ((BUDGET_MIB + 128) << 20) + (clients * HTTP_LAYER_PER_CONNECTION) as u64;
     assert!(
