@@ -13,11 +13,8 @@ use crate::own_broker::OwnBroker;
 
 /// Counts of each `message_id` that arrived: lost ones are missing, duplicates above 1.
 fn arrivals(messages: &[lapin::message::BasicGetMessage]) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for message in messages {
-        *counts.entry(message_id(message)).or_default() += 1;
-    }
-    counts
+    let ids: Vec<String> = messages.iter().map(message_id).collect();
+    arrivals_of_ids(&ids)
 }
 
 fn arrivals_of_ids(ids: &[String]) -> BTreeMap<String, usize> {
