@@ -45,6 +45,7 @@ pub struct Metrics {
     pub publish_confirm_duration: Histogram,
     pub broker_connected: IntGauge,
     pub broker_blocked: IntGauge,
+    pub broker_node: IntGauge,
     pub broker_connections: prometheus::IntCounter,
     pub delivery_lag: Histogram,
     archive_events: IntGauge,
@@ -148,6 +149,11 @@ impl Metrics {
             broker_blocked: int_gauge(
                 "kallina_relay_broker_blocked",
                 "1 while the broker has blocked publishing on the relay's connection (an alarm)",
+            ),
+            broker_node: int_gauge(
+                "kallina_relay_broker_node",
+                "Position in amqp_url (from 1) of the broker node the relay is connected to; 0 \
+                 while it is not connected",
             ),
             broker_connections: {
                 let c = prometheus::IntCounter::new(

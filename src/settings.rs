@@ -10,7 +10,7 @@ use std::fmt::Write;
 use std::time::Duration;
 
 use crate::admin::options::{self as admin, AdminOptions};
-use crate::config::{format_duration, redact_url, ConfigError, Layers, Setting, Spec};
+use crate::config::{format_duration, ConfigError, Layers, Setting, Spec};
 use crate::ingress::options::{self as ingress, IngressOptions};
 use crate::relay::options::{self as relay, RelayOptions};
 use crate::store::options::{self as store, StoreOptions};
@@ -100,7 +100,7 @@ impl Settings {
             format_duration(s.dedup_retention),
             s.outbox_max,
             i.id_header.as_deref().unwrap_or("-"),
-            redact_url(r.amqp_url.expose()),
+            r.brokers.redacted(),
             r.topology.exchange,
             r.topology.unrouted_exchange,
             r.window,
@@ -352,7 +352,9 @@ mod tests {
             vec![QueueSpec {
                 name: "calls".into(),
                 bindings: vec!["call.*".into()],
-                queue_type: QueueType::Quorum
+                queue_type: QueueType::Quorum,
+                max_length_bytes: None,
+                max_age: None,
             }]
         );
         l.flags.insert("listen", "127.0.0.1:4".into());
@@ -438,5 +440,96 @@ mod tests {
             printed.contains("amqp://user:***@host:5672/%2f"),
             "{printed}"
         );
+    }
+
+    #[test]
+    fn several_broker_urls_are_kept_in_order_and_shown_without_passwords() {
+        let s = Settings::load(&layers(&[
+            ("KALLINA_WEBHOOK_SECRET", "s"),
+            (
+                "KALLINA_RELAY_AMQP_URL",
+                "amqp://u:first@a:5672/%2f, amqp://u:second@b:5673/%2f",
+            ),
+        ]))
+        .unwrap();
+        assert_eq!(s.relay.brokers.len(), 2);
+        assert_eq!(
+            s.relay.brokers.node(1).redacted(),
+            "amqp://u:***@b:5673/%2f"
+        );
+        let printed = format!("{} {:?}", s.summary(), s);
+        assert!(
+            !printed.contains("first") && !printed.contains("second"),
+            "{printed}"
+        );
+        assert!(
+            printed.contains("amqp://u:***@a:5672/%2f,amqp://u:***@b:5673/%2f"),
+            "{printed}"
+        );
+        let err = Settings::load(&layers(&[
+            ("KALLINA_WEBHOOK_SECRET", "s"),
+            (
+                "KALLINA_RELAY_AMQP_URL",
+                "amqp://u:p@a/%2f,http://u:hunter2@b",
+            ),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("URL 2"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_broker_tls_file_stops_the_start_naming_its_setting() {
+        let amqps = ("KALLINA_RELAY_AMQP_URL", "amqps://u:p@broker:5671/%2f");
+        let err = Settings::load(&layers(&[
+            ("KALLINA_WEBHOOK_SECRET", "s"),
+            amqps,
+            ("KALLINA_RELAY_BROKER_TLS_CA", "/nonexistent/ca.pem"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("broker_tls_ca"), "{err}");
+        let err = Settings::load(&layers(&[
+            ("KALLINA_WEBHOOK_SECRET", "s"),
+            amqps,
+            ("KALLINA_RELAY_BROKER_TLS_CERT", "/nonexistent/client.pem"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("broker_tls_key"), "{err}");
+        let err = Settings::load(&layers(&[
+            ("KALLINA_WEBHOOK_SECRET", "s"),
+            amqps,
+            ("KALLINA_RELAY_BROKER_TLS_SERVER_NAME", "not a name"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("broker_tls_server_name"), "{err}");
+    }
+
+    #[test]
+    fn a_stream_may_set_retention_and_other_queues_may_not() {
+        let load = |queue: &str| {
+            let mut l = layers(&[("KALLINA_WEBHOOK_SECRET", "s")]);
+            l.file = Some(("relay.toml".into(), format!("[[queues]]\n{queue}")));
+            Settings::load(&l)
+        };
+        let s = load(
+            "name = \"history\"\ntype = \"stream\"\nmax_age = \"7D\"\n\
+                      max_length_bytes = 1000000\n",
+        )
+        .unwrap();
+        let queue = &s.relay.topology.queues[0];
+        assert_eq!(queue.queue_type, QueueType::Stream);
+        assert_eq!(queue.max_age.as_deref(), Some("7D"));
+        let err = load("name = \"calls\"\ntype = \"quorum\"\nmax_age = \"7D\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("retention settings of a stream"), "{err}");
+        let err = load("name = \"history\"\ntype = \"stream\"\nmax_age = \"7 days\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("RabbitMQ age"), "{err}");
     }
 }

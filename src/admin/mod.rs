@@ -70,7 +70,7 @@ async fn readyz(admin: web::Data<Admin>) -> HttpResponse {
             "quarantined_events": stats.quarantined_events,
         },
         "broker": broker,
-        "broker_connected": broker == BrokerState::Connected,
+        "broker_connected": matches!(broker, BrokerState::Connected { .. }),
     });
     if ready {
         HttpResponse::Ok().json(body)

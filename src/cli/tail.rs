@@ -21,8 +21,7 @@ use time::OffsetDateTime;
 use tokio::time::timeout;
 
 use super::{client_settings, Failure, ServeArgs};
-use crate::config::redact_url;
-use crate::relay::refused_with;
+use crate::relay::{refused_with, Brokers};
 
 #[derive(Debug, Args)]
 #[command(after_help = "\
@@ -55,17 +54,17 @@ pub async fn run(args: TailArgs, global: &ServeArgs) -> Result<(), Failure> {
         .exchange
         .clone()
         .unwrap_or(settings.relay.topology.exchange.clone());
-    let url = settings.relay.amqp_url.expose();
-    let shown = redact_url(url);
-    // Whatever the broker library puts in its messages, the password must not reach stderr.
-    let failed = |what: String, e: lapin::Error| Failure::Work(scrub(&format!("{what}: {e}"), url));
+    let brokers = &settings.relay.brokers;
+    // Whatever the broker library puts in its messages, the passwords must not reach stderr.
+    let failed =
+        |what: String, e: lapin::Error| Failure::Work(scrub(&format!("{what}: {e}"), brokers));
+    let limit = settings.relay.confirm_timeout;
+    let (connection, shown) = connect(brokers, limit, &failed).await?;
     let broker = Broker {
-        url,
         shown: &shown,
-        limit: settings.relay.confirm_timeout,
         failed: &failed,
     };
-    let (connection, consumer) = subscribe(&broker, &exchange, &args.pattern).await?;
+    let consumer = subscribe(&connection, &broker, &exchange, &args.pattern).await?;
     eprintln!(
         "tailing exchange `{exchange}` on {shown}, bound with {}; Ctrl-C stops",
         args.pattern.join(", ")
@@ -81,39 +80,54 @@ pub async fn run(args: TailArgs, global: &ServeArgs) -> Result<(), Failure> {
 
 type BrokerFailure<'a> = &'a dyn Fn(String, lapin::Error) -> Failure;
 
-/// Where the broker is, as used and as shown, and how its errors are reported.
+/// Which broker node is used, as shown, and how its errors are reported.
 struct Broker<'a> {
-    url: &'a str,
     shown: &'a str,
-    limit: Duration,
     failed: BrokerFailure<'a>,
+}
+
+/// The first node of the list that answers, and how it is shown (password redacted).
+async fn connect(
+    brokers: &Brokers,
+    limit: Duration,
+    failed: BrokerFailure<'_>,
+) -> Result<(Connection, String), Failure> {
+    let mut last = None;
+    for index in 0..brokers.len() {
+        let shown = brokers.node(index).redacted();
+        match timeout(
+            limit,
+            brokers.connect(index, ConnectionProperties::default()),
+        )
+        .await
+        {
+            Ok(Ok(connection)) => return Ok((connection, shown)),
+            Ok(Err(e)) => {
+                last = Some(failed(
+                    format!("cannot connect to the broker at {shown}"),
+                    e,
+                ))
+            }
+            Err(_) => {
+                last = Some(Failure::Work(format!(
+                    "no answer from the broker at {shown} within {}",
+                    crate::config::format_duration(limit)
+                )))
+            }
+        }
+    }
+    Err(last.expect("at least one broker URL"))
 }
 
 /// A queue of our own (exclusive, deleted with the connection), bound to `exchange` with each
 /// pattern, and a consumer on it.
 async fn subscribe(
+    connection: &Connection,
     broker: &Broker<'_>,
     exchange: &str,
     patterns: &[String],
-) -> Result<(Connection, Consumer), Failure> {
-    let Broker {
-        url,
-        shown,
-        limit,
-        failed,
-    } = *broker;
-    let connection = timeout(
-        limit,
-        Connection::connect(url, ConnectionProperties::default()),
-    )
-    .await
-    .map_err(|_| {
-        Failure::Work(format!(
-            "no answer from the broker at {shown} within {}",
-            crate::config::format_duration(limit)
-        ))
-    })?
-    .map_err(|e| failed(format!("cannot connect to the broker at {shown}"), e))?;
+) -> Result<Consumer, Failure> {
+    let Broker { shown, failed } = *broker;
     let channel = connection
         .create_channel()
         .await
@@ -164,7 +178,7 @@ async fn subscribe(
         )
         .await
         .map_err(|e| failed("cannot consume".into(), e))?;
-    Ok((connection, consumer))
+    Ok(consumer)
 }
 
 /// Prints each delivery until Ctrl-C, a closed standard output, or the broker ending it.
@@ -299,18 +313,20 @@ fn one_line(body: &[u8]) -> String {
 }
 
 /// `text` with the URL's password, raw or percent-encoded, replaced.
-fn scrub(text: &str, url: &str) -> String {
-    let password = reqwest::Url::parse(url)
-        .ok()
-        .and_then(|u| u.password().map(str::to_string));
-    match password {
-        Some(password) if !password.is_empty() => {
+fn scrub(text: &str, brokers: &Brokers) -> String {
+    let mut text = text.to_string();
+    for index in 0..brokers.len() {
+        let password = reqwest::Url::parse(brokers.node(index).expose())
+            .ok()
+            .and_then(|u| u.password().map(str::to_string));
+        if let Some(password) = password.filter(|p| !p.is_empty()) {
             let decoded = percent_encoding::percent_decode_str(&password).decode_utf8_lossy();
-            text.replace(&password, "***")
-                .replace(decoded.as_ref(), "***")
+            text = text
+                .replace(&password, "***")
+                .replace(decoded.as_ref(), "***");
         }
-        _ => text.to_string(),
     }
+    text
 }
 
 #[cfg(test)]
@@ -336,7 +352,17 @@ mod tests {
 
     #[test]
     fn the_password_never_shows() {
-        let url = "amqp://relay:p%40ss@broker:5672/%2f";
-        assert_eq!(scrub("refused p@ss and p%40ss", url), "refused *** and ***");
+        let nodes = [
+            "amqp://relay:p%40ss@a:5672/%2f",
+            "amqp://relay:s3cret@b:5672/%2f",
+        ]
+        .iter()
+        .map(|url| crate::relay::Node::parse(url).unwrap())
+        .collect();
+        let brokers = Brokers::new(nodes, None, None);
+        assert_eq!(
+            scrub("refused p@ss and p%40ss, then s3cret", &brokers),
+            "refused *** and ***, then ***"
+        );
     }
 }

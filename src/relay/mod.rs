@@ -19,10 +19,12 @@
 //! the session with the connection kept ([`session`]). A record the broker refuses for good
 //! (`PRECONDITION_FAILED` on its publish) is found by sending one at a time, and quarantined.
 
+mod connect;
 mod message;
 pub mod options;
 mod session;
 mod status;
+mod tls;
 mod topology;
 
 use std::collections::HashMap;
@@ -35,11 +37,11 @@ use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
 use tokio::time::{sleep, timeout};
 
+pub use connect::{Brokers, Node};
 pub use options::RelayOptions;
 pub use status::{BrokerState, BrokerStatus};
 pub use topology::{refused_with, QueueSpec, QueueType, Topology, TopologyError};
 
-use crate::config::redact_url;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::store::{OutboxEntry, Store, StoreError};
@@ -83,6 +85,12 @@ enum SessionError {
 }
 
 impl SessionError {
+    /// The node itself failed (its connection, or its confirms): another node may do better.
+    /// A refusal, a topology clash or an outbox error would follow the relay to any node.
+    fn is_node_failure(&self) -> bool {
+        matches!(self, Self::Connection(_) | Self::Timeout(_))
+    }
+
     /// The `reason` label of `kallina_relay_publish_errors_total`.
     fn reason(&self) -> Option<&'static str> {
         match self {
@@ -108,6 +116,36 @@ pub struct Relay {
 
 /// A publish waiting for its confirm: resolves to the record and what the broker said.
 type PendingConfirm = Pin<Box<dyn Future<Output = ConfirmOutcome> + Send>>;
+
+/// What the relay carries from one session to the next.
+struct Course {
+    /// The node to connect to (from 0).
+    node: usize,
+    /// Nodes not yet failed since the last pause, or since a node last took a connection.
+    untried: usize,
+    /// Sessions failed since the last confirm (or the last session that lived a minute).
+    failures: u32,
+    /// After a refusal with several publishes in flight, the next session sends one at a
+    /// time until this many were confirmed, to find the record at fault.
+    one_by_one: usize,
+}
+
+impl Course {
+    /// After a failed session: the node to try next and how long to wait first. A failed node
+    /// hands over to the next one at once; the backoff pause comes when every node failed in
+    /// turn, or when the failure would follow the relay to any node.
+    fn next(&mut self, node_failed: bool, nodes: usize) -> Duration {
+        if node_failed {
+            self.node = (self.node + 1) % nodes;
+            self.untried = self.untried.saturating_sub(1);
+            if self.untried > 0 {
+                return Duration::ZERO;
+            }
+        }
+        self.untried = nodes;
+        backoff(self.failures)
+    }
+}
 
 /// A record the broker nacked or returned, published again once `due`.
 struct Retry {
@@ -138,23 +176,29 @@ impl Relay {
     }
 
     /// Publishes until `shutdown` fires, reconnecting as often as needed.
+    ///
+    /// The relay stays on a node while it works. When the connection to it fails (or a confirm
+    /// times out), the next node in `amqp_url` is tried at once, and so on round the list;
+    /// the backoff pause comes only when every node failed in turn. Everything unconfirmed is
+    /// published again on the new node, with the same `message_id`.
     pub async fn run(self, mut shutdown: Shutdown) {
-        let url = redact_url(self.options.amqp_url.expose());
-        let mut failures: u32 = 0;
-        // After a refusal with several publishes in flight, the next session sends one at a
-        // time until this many were confirmed, to find the record at fault.
-        let mut one_by_one = 0;
+        let nodes = self.options.brokers.len();
+        let mut course = Course {
+            node: 0,
+            untried: nodes,
+            failures: 0,
+            one_by_one: 0,
+        };
         while !shutdown.is_triggered() {
             self.status.set(BrokerState::Connecting);
             let started = Instant::now();
-            let result = self
-                .session(&mut shutdown, &mut failures, &mut one_by_one)
-                .await;
+            let result = self.session(&mut shutdown, &mut course).await;
             // A session that lived long was healthy, even if it published nothing.
             if started.elapsed() >= HEALTHY_SESSION {
-                failures = 0;
+                course.failures = 0;
             }
             self.metrics.broker_connected.set(0);
+            self.metrics.broker_node.set(0);
             let error = match result {
                 Ok(()) => break,
                 Err(error) => error,
@@ -165,25 +209,32 @@ impl Relay {
                     .with_label_values(&[reason])
                     .inc();
             }
-            let state = match &error {
+            self.status.set(match &error {
                 SessionError::Topology(TopologyError::Clash { .. }) => BrokerState::TopologyError {
                     reason: error.to_string(),
                 },
                 _ => BrokerState::Disconnected {
                     reason: error.to_string(),
                 },
-            };
-            self.status.set(state);
+            });
             if let SessionError::Refused { seq, reason, alone } = &error {
                 if *alone {
                     self.set_aside_refused(*seq, reason).await;
                 } else {
-                    one_by_one = self.options.window;
+                    course.one_by_one = self.options.window;
                 }
             }
-            failures = failures.saturating_add(1);
-            let pause = backoff(failures);
-            tracing::warn!(broker = %url, error = %error, retry_in_ms = pause.as_millis() as u64, "relay session ended");
+            course.failures = course.failures.saturating_add(1);
+            let failed_node = course.node;
+            let pause = course.next(error.is_node_failure(), nodes);
+            tracing::warn!(
+                node = failed_node + 1,
+                broker = %self.options.brokers.node(failed_node).redacted(),
+                error = %error,
+                next_node = course.node + 1,
+                retry_in_ms = pause.as_millis() as u64,
+                "relay session ended"
+            );
             tokio::select! {
                 _ = sleep(pause) => {}
                 _ = shutdown.recv() => break,
@@ -206,14 +257,13 @@ impl Relay {
         }
     }
 
-    async fn connect(&self) -> Result<(Connection, Channel), SessionError> {
+    async fn connect(&self, node: usize) -> Result<(Connection, Channel), SessionError> {
         let limit = self.options.confirm_timeout;
         let connection = timeout(
             limit,
-            Connection::connect(
-                self.options.amqp_url.expose(),
-                ConnectionProperties::default(),
-            ),
+            self.options
+                .brokers
+                .connect(node, ConnectionProperties::default()),
         )
         .await
         .map_err(|_| SessionError::Connection(format!("no answer within {limit:?}")))?
@@ -265,5 +315,36 @@ mod tests {
             assert!(pause >= ceiling / 2, "{failures}: {pause:?}");
         }
         assert!(backoff(1) < Duration::from_millis(201));
+    }
+
+    fn course(nodes: usize) -> Course {
+        Course {
+            node: 0,
+            untried: nodes,
+            failures: 1,
+            one_by_one: 0,
+        }
+    }
+
+    #[test]
+    fn a_failed_node_hands_over_at_once_and_a_full_round_pauses() {
+        let mut c = course(3);
+        assert_eq!(c.next(true, 3), Duration::ZERO);
+        assert_eq!(c.node, 1);
+        assert_eq!(c.next(true, 3), Duration::ZERO);
+        assert_eq!(c.node, 2);
+        // The third failure in a row: every node failed, so the backoff pauses.
+        assert!(c.next(true, 3) > Duration::ZERO);
+        assert_eq!((c.node, c.untried), (0, 3));
+    }
+
+    #[test]
+    fn a_failure_that_is_not_the_node_keeps_it_and_pauses() {
+        let mut c = course(3);
+        assert!(c.next(false, 3) > Duration::ZERO);
+        assert_eq!(c.node, 0);
+        let mut single = course(1);
+        assert!(single.next(true, 1) > Duration::ZERO);
+        assert_eq!(single.node, 0);
     }
 }

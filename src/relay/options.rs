@@ -1,25 +1,88 @@
 //! The relay's settings: which broker, what it declares there, how many publishes wait for a
 //! confirm and how long. Each is declared once, here; see [`crate::config`].
 
+use std::path::PathBuf;
 use std::time::Duration;
 
+use super::connect::{Brokers, Node};
+use super::tls::{client_config, BrokerTlsFiles, TlsFileError};
 use super::topology::{QueueSpec, Topology};
-use crate::config::{ConfigError, Secret, Setting, Spec, Values};
+use crate::config::{ConfigError, Setting, Spec, Values};
 
-pub const AMQP_URL: Setting<Secret> = Setting::new(
+pub const AMQP_URL: Setting<Vec<Node>> = Setting::new(
     Spec::new(
         "amqp_url",
         "KALLINA_RELAY_AMQP_URL",
-        "AMQP URL of the broker",
+        "AMQP URLs of the broker's nodes, in order of preference (several: comma-separated; \
+         a comma in a password is written `%2C`)",
     )
     .default("amqp://guest:guest@127.0.0.1:5672/%2f")
-    .secret(),
+    .secret()
+    .list(),
     |f| {
-        let url = f.required()?;
-        match url.parse::<lapin::uri::AMQPUri>() {
-            Ok(_) => Ok(Secret::new(url)),
-            Err(reason) => Err(f.invalid(format!("an amqp:// or amqps:// URL ({reason})"))),
+        let nodes = f
+            .required()?
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .enumerate()
+            .map(|(i, url)| {
+                Node::parse(url).map_err(|reason| {
+                    f.invalid(format!(
+                        "amqp:// or amqps:// URLs (URL {}: {reason})",
+                        i + 1
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if nodes.is_empty() {
+            return Err(f.invalid("at least one amqp:// or amqps:// URL"));
         }
+        Ok(nodes)
+    },
+);
+pub const BROKER_TLS_CA: Setting<Option<PathBuf>> = Setting::new(
+    Spec::new(
+        "broker_tls_ca",
+        "KALLINA_RELAY_BROKER_TLS_CA",
+        "PEM CA bundle trusted for `amqps://` brokers instead of the system's roots",
+    )
+    .note("the system's roots"),
+    |f| f.optional().map(|_| f.path()).transpose(),
+);
+pub const BROKER_TLS_CERT: Setting<Option<PathBuf>> = Setting::new(
+    Spec::new(
+        "broker_tls_cert",
+        "KALLINA_RELAY_BROKER_TLS_CERT",
+        "PEM client certificate chain for mutual TLS with the broker (with `broker_tls_key`)",
+    )
+    .note("none"),
+    |f| f.optional().map(|_| f.path()).transpose(),
+);
+pub const BROKER_TLS_KEY: Setting<Option<PathBuf>> = Setting::new(
+    Spec::new(
+        "broker_tls_key",
+        "KALLINA_RELAY_BROKER_TLS_KEY",
+        "PEM private key of `broker_tls_cert`",
+    )
+    .note("none"),
+    |f| f.optional().map(|_| f.path()).transpose(),
+);
+pub const BROKER_TLS_SERVER_NAME: Setting<Option<String>> = Setting::new(
+    Spec::new(
+        "broker_tls_server_name",
+        "KALLINA_RELAY_BROKER_TLS_SERVER_NAME",
+        "name the broker's certificate must carry",
+    )
+    .note("each URL's host"),
+    |f| {
+        f.optional()
+            .map(|name| {
+                rustls_pki_types::ServerName::try_from(name)
+                    .map(|_| name.to_string())
+                    .map_err(|_| f.invalid("a DNS name or an IP address"))
+            })
+            .transpose()
     },
 );
 pub const EXCHANGE: Setting<String> = Setting::new(
@@ -66,15 +129,25 @@ pub const QUEUES: Setting<Vec<QueueSpec>> = Setting::new(
     Spec::file_only(
         "queues",
         "consumer queues declared and bound at start: `[[queues]]` with `name`, `bindings`, \
-         `type` = `classic`/`quorum`",
+         `type` = `classic`/`quorum`/`stream` (a stream may set `max_length_bytes`, `max_age`)",
     )
     .note("none"),
-    |f| f.table(),
+    |f| {
+        let queues: Vec<QueueSpec> = f.table()?;
+        for queue in &queues {
+            queue.check().map_err(|why| f.invalid(why))?;
+        }
+        Ok(queues)
+    },
 );
 
 /// Every setting of this stage, in the order the README lists them.
 pub const SETTINGS: &[&Spec] = &[
     &AMQP_URL.spec,
+    &BROKER_TLS_CA.spec,
+    &BROKER_TLS_CERT.spec,
+    &BROKER_TLS_KEY.spec,
+    &BROKER_TLS_SERVER_NAME.spec,
     &EXCHANGE.spec,
     &UNROUTED_EXCHANGE.spec,
     &PUBLISH_WINDOW.spec,
@@ -85,7 +158,8 @@ pub const SETTINGS: &[&Spec] = &[
 /// How the relay publishes.
 #[derive(Debug, Clone)]
 pub struct RelayOptions {
-    pub amqp_url: Secret,
+    /// The broker's nodes and the TLS to reach them.
+    pub brokers: Brokers,
     pub topology: Topology,
     pub window: usize,
     /// Limit for every network await: connect, declare, publish, confirm.
@@ -97,7 +171,7 @@ pub struct RelayOptions {
 impl RelayOptions {
     pub fn from_values(values: &Values, shutdown_grace: Duration) -> Result<Self, ConfigError> {
         Ok(Self {
-            amqp_url: values.get(&AMQP_URL)?,
+            brokers: brokers(values)?,
             topology: Topology {
                 exchange: values.get(&EXCHANGE)?,
                 unrouted_exchange: values.get(&UNROUTED_EXCHANGE)?,
@@ -108,4 +182,42 @@ impl RelayOptions {
             shutdown_grace,
         })
     }
+}
+
+/// The URLs, and the TLS configuration when any of them is `amqps://`: its files are read now,
+/// so that a bad one stops the start naming its setting.
+fn brokers(values: &Values) -> Result<Brokers, ConfigError> {
+    let nodes = values.get(&AMQP_URL)?;
+    let identity = match (values.get(&BROKER_TLS_CERT)?, values.get(&BROKER_TLS_KEY)?) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (Some(_), None) => {
+            return Err(values
+                .field(&BROKER_TLS_KEY.spec)
+                .invalid("a PEM private key file, since broker_tls_cert is set"))
+        }
+        (None, Some(_)) => {
+            return Err(values
+                .field(&BROKER_TLS_CERT.spec)
+                .invalid("a PEM certificate file, since broker_tls_key is set"))
+        }
+    };
+    let files = BrokerTlsFiles {
+        ca: values.get(&BROKER_TLS_CA)?,
+        identity,
+    };
+    let tls = if nodes.iter().any(Node::is_tls) {
+        Some(client_config(&files).map_err(|e| match e {
+            TlsFileError::Ca(why) => values.field(&BROKER_TLS_CA.spec).invalid(why),
+            TlsFileError::Cert(why) => values.field(&BROKER_TLS_CERT.spec).invalid(why),
+            TlsFileError::Key(why) => values.field(&BROKER_TLS_KEY.spec).invalid(why),
+        })?)
+    } else {
+        None
+    };
+    Ok(Brokers::new(
+        nodes,
+        tls,
+        values.get(&BROKER_TLS_SERVER_NAME)?,
+    ))
 }

@@ -20,8 +20,8 @@ use tokio::time::timeout;
 use super::message::properties;
 use super::topology::refused_with;
 use super::{
-    backoff, classify, BrokerState, ConfirmOutcome, PendingConfirm, Relay, Retry, SessionError,
-    DELETE_BATCH, READ_AHEAD, RETRY_PAUSE_MIN,
+    backoff, classify, BrokerState, ConfirmOutcome, Course, PendingConfirm, Relay, Retry,
+    SessionError, DELETE_BATCH, READ_AHEAD, RETRY_PAUSE_MIN,
 };
 use crate::metrics::event_label;
 use crate::shutdown::Shutdown;
@@ -43,6 +43,8 @@ struct Session {
     unblocked_at: Instant,
     /// Confirms still to see with one publish in flight at a time (after a refusal).
     one_by_one: usize,
+    /// The node connected to: its position in `amqp_url`, from 1.
+    node: usize,
 }
 
 /// The connection's events: errors, blocks and unblocks.
@@ -70,20 +72,23 @@ impl Relay {
     pub(super) async fn session(
         &self,
         shutdown: &mut Shutdown,
-        failures: &mut u32,
-        one_by_one: &mut usize,
+        course: &mut Course,
     ) -> Result<(), SessionError> {
         let (connection, channel) = tokio::select! {
-            c = self.connect() => c?,
+            c = self.connect(course.node) => c?,
             _ = shutdown.recv() => return Ok(()),
         };
+        // This node works: when it fails, every other node is worth a try before a pause.
+        course.untried = self.options.brokers.len();
         // The backoff grows on: a broker that accepts connections but not publishes (an alarm,
         // a queue refusing) must not be reconnected to and sent the whole window every few
         // seconds. It starts again at the first confirm.
-        self.status.set(BrokerState::Connected);
+        let position = course.node + 1;
+        self.status.set(BrokerState::Connected { node: position });
         self.metrics.broker_connected.set(1);
+        self.metrics.broker_node.set(position as i64);
         self.metrics.broker_connections.inc();
-        tracing::info!(exchange = %self.options.topology.exchange, "relay connected; topology declared");
+        tracing::info!(node = position, exchange = %self.options.topology.exchange, "relay connected; topology declared");
 
         let mut events: BrokerEvents = Box::pin(connection.events_listener());
         let mut durable = self.store.durability();
@@ -97,14 +102,21 @@ impl Relay {
             read_ahead: VecDeque::new(),
             blocked: false,
             unblocked_at: Instant::now(),
-            one_by_one: *one_by_one,
+            one_by_one: course.one_by_one,
+            node: position,
         };
         let result = loop {
             if let Err(e) = self.fill(&mut session).await {
                 break Err(e);
             }
             let step = self
-                .wait(&mut session, &mut events, &mut durable, shutdown, failures)
+                .wait(
+                    &mut session,
+                    &mut events,
+                    &mut durable,
+                    shutdown,
+                    &mut course.failures,
+                )
                 .await;
             match step {
                 Ok(Step::Go) => {}
@@ -112,7 +124,7 @@ impl Relay {
                 Err(e) => break Err(e),
             }
         };
-        *one_by_one = session.one_by_one;
+        course.one_by_one = session.one_by_one;
         self.metrics.broker_blocked.set(0);
         // Whatever the broker confirmed leaves the outbox, even when the session failed.
         let removed = self.archive(&mut session.confirmed).await;
@@ -219,14 +231,18 @@ impl Relay {
                 tracing::warn!(%reason, "the broker blocked publishing; waiting, connection kept");
                 session.blocked = true;
                 self.metrics.broker_blocked.set(1);
-                self.status.set(BrokerState::Blocked { reason });
+                self.status.set(BrokerState::Blocked {
+                    reason,
+                    node: session.node,
+                });
             }
             Some(Event::ConnectionUnblocked) => {
                 tracing::info!("the broker unblocked publishing");
                 session.blocked = false;
                 session.unblocked_at = Instant::now();
                 self.metrics.broker_blocked.set(0);
-                self.status.set(BrokerState::Connected);
+                self.status
+                    .set(BrokerState::Connected { node: session.node });
             }
             _ => {}
         }

@@ -9,12 +9,13 @@ use serde::Serialize;
 pub enum BrokerState {
     /// Not tried yet, or trying now.
     Connecting,
-    /// Connected, topology declared, publishing.
-    Connected,
+    /// Connected to node `node` (its position in `amqp_url`, from 1), topology declared,
+    /// publishing.
+    Connected { node: usize },
     /// Connected, but the broker refuses publishes for now (`connection.blocked`: a memory or
     /// disk alarm). Nothing is published and no confirm is timed out until it unblocks; the
     /// connection is kept, so the broker is not hammered with reconnects.
-    Blocked { reason: String },
+    Blocked { reason: String, node: usize },
     /// The last attempt failed; the relay retries with backoff.
     Disconnected { reason: String },
     /// A declaration clashes with what the broker has: an operator must act.

@@ -17,8 +17,22 @@ use tokio::time::timeout;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum QueueType {
+    /// One node's queue (mirrored by nothing): for a single broker.
     Classic,
+    /// Replicated by Raft across the cluster; a confirm means a majority has the message.
     Quorum,
+    /// A replicated append-only log: consumers read from an offset, and may read it again.
+    Stream,
+}
+
+impl QueueType {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Classic => "classic",
+            Self::Quorum => "quorum",
+            Self::Stream => "stream",
+        }
+    }
 }
 
 /// A consumer queue the relay declares and binds at start: `[[queues]]` in the file.
@@ -30,6 +44,62 @@ pub struct QueueSpec {
     pub bindings: Vec<String>,
     #[serde(default = "classic", rename = "type")]
     pub queue_type: QueueType,
+    /// Streams only: the retention by size (`x-max-length-bytes`); the oldest segments go.
+    #[serde(default)]
+    pub max_length_bytes: Option<u64>,
+    /// Streams only: the retention by age (`x-max-age`), in RabbitMQ's form: `7D`, `12h`.
+    #[serde(default)]
+    pub max_age: Option<String>,
+}
+
+impl QueueSpec {
+    /// What is wrong with this declaration, before the broker is asked.
+    pub fn check(&self) -> Result<(), String> {
+        let retention = self.max_length_bytes.is_some() || self.max_age.is_some();
+        if retention && self.queue_type != QueueType::Stream {
+            return Err(format!(
+                "queue `{}`: max_length_bytes and max_age are retention settings of a stream; \
+                 on a {} queue they would drop undelivered events",
+                self.name,
+                self.queue_type.name()
+            ));
+        }
+        if let Some(age) = &self.max_age {
+            let (digits, unit) = age.split_at(age.len().saturating_sub(1));
+            let valid = !digits.is_empty()
+                && digits.bytes().all(|b| b.is_ascii_digit())
+                && matches!(unit, "Y" | "M" | "D" | "h" | "m" | "s");
+            if !valid {
+                return Err(format!(
+                    "queue `{}`: max_age = {age:?} is not a RabbitMQ age such as 7D, 12h or 30m",
+                    self.name
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The declaration's arguments: the type, and a stream's retention.
+    fn arguments(&self) -> FieldTable {
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from(self.queue_type.name())),
+        );
+        if let Some(bytes) = self.max_length_bytes {
+            arguments.insert(
+                "x-max-length-bytes".into(),
+                AMQPValue::LongLongInt(bytes.min(i64::MAX as u64) as i64),
+            );
+        }
+        if let Some(age) = &self.max_age {
+            arguments.insert(
+                "x-max-age".into(),
+                AMQPValue::LongString(LongString::from(age.as_str())),
+            );
+        }
+        arguments
+    }
 }
 
 fn classic() -> QueueType {
@@ -128,20 +198,11 @@ impl Topology {
         limit: Duration,
         queue: &QueueSpec,
     ) -> Result<(), TopologyError> {
-        let mut arguments = FieldTable::default();
-        let kind = match queue.queue_type {
-            QueueType::Classic => "classic",
-            QueueType::Quorum => "quorum",
-        };
-        arguments.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString(LongString::from(kind)),
-        );
         let what = format!("queue `{}`", queue.name);
         run(
             &what,
             limit,
-            channel.queue_declare(queue.name.as_str().into(), DURABLE_QUEUE, arguments),
+            channel.queue_declare(queue.name.as_str().into(), DURABLE_QUEUE, queue.arguments()),
         )
         .await?;
         for binding in &queue.bindings {
