@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::connect::{Brokers, Node};
 use super::tls::{client_config, BrokerTlsFiles, TlsFileError};
-use super::topology::{QueueSpec, Topology};
+use super::topology::{QueueSpec, QueueType, Topology};
 use crate::config::{ConfigError, Setting, Spec, Values};
 
 pub const AMQP_URL: Setting<Vec<Node>> = Setting::new(
@@ -105,6 +105,21 @@ pub const UNROUTED_EXCHANGE: Setting<String> = Setting::new(
     .flag(),
     |f| f.short_string(),
 );
+pub const UNROUTED_QUEUE_TYPE: Setting<QueueType> = Setting::new(
+    Spec::new(
+        "unrouted_queue_type",
+        "KALLINA_RELAY_UNROUTED_QUEUE_TYPE",
+        "type of the unrouted queue: `classic`, or `quorum` on a cluster (a classic queue is \
+         lost with its node)",
+    )
+    .default("classic")
+    .flag(),
+    |f| match f.non_empty()? {
+        "classic" => Ok(QueueType::Classic),
+        "quorum" => Ok(QueueType::Quorum),
+        _ => Err(f.invalid("`classic` or `quorum`")),
+    },
+);
 pub const PUBLISH_WINDOW: Setting<usize> = Setting::new(
     Spec::new(
         "publish_window",
@@ -150,6 +165,7 @@ pub const SETTINGS: &[&Spec] = &[
     &BROKER_TLS_SERVER_NAME.spec,
     &EXCHANGE.spec,
     &UNROUTED_EXCHANGE.spec,
+    &UNROUTED_QUEUE_TYPE.spec,
     &PUBLISH_WINDOW.spec,
     &CONFIRM_TIMEOUT.spec,
     &QUEUES.spec,
@@ -175,6 +191,7 @@ impl RelayOptions {
             topology: Topology {
                 exchange: values.get(&EXCHANGE)?,
                 unrouted_exchange: values.get(&UNROUTED_EXCHANGE)?,
+                unrouted_queue_type: values.get(&UNROUTED_QUEUE_TYPE)?,
                 queues: values.get(&QUEUES)?,
             },
             window: values.get(&PUBLISH_WINDOW)?,

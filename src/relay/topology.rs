@@ -121,6 +121,8 @@ pub enum TopologyError {
 pub struct Topology {
     pub exchange: String,
     pub unrouted_exchange: String,
+    /// Type of the `unrouted` queue: quorum on a cluster, so that it outlives any one node.
+    pub unrouted_queue_type: QueueType,
     pub queues: Vec<QueueSpec>,
 }
 
@@ -173,7 +175,11 @@ impl Topology {
         run(
             &what,
             limit,
-            channel.queue_declare(unrouted.into(), DURABLE_QUEUE, FieldTable::default()),
+            channel.queue_declare(
+                unrouted.into(),
+                DURABLE_QUEUE,
+                self.unrouted_queue_arguments(),
+            ),
         )
         .await?;
         run(
@@ -189,6 +195,19 @@ impl Topology {
         )
         .await?;
         Ok(())
+    }
+
+    /// A classic `unrouted` queue is declared without arguments, as it always was, so that a
+    /// queue declared by an earlier version stays equivalent.
+    fn unrouted_queue_arguments(&self) -> FieldTable {
+        let mut arguments = FieldTable::default();
+        if self.unrouted_queue_type != QueueType::Classic {
+            arguments.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString(LongString::from(self.unrouted_queue_type.name())),
+            );
+        }
+        arguments
     }
 
     /// A consumer queue of the file, of its type, with its bindings on the topic exchange.

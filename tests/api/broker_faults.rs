@@ -11,26 +11,6 @@ use lapin::types::{AMQPValue, FieldTable};
 use crate::helpers::*;
 use crate::own_broker::OwnBroker;
 
-/// Counts of each `message_id` that arrived: lost ones are missing, duplicates above 1.
-fn arrivals(messages: &[lapin::message::BasicGetMessage]) -> BTreeMap<String, usize> {
-    let ids: Vec<String> = messages.iter().map(message_id).collect();
-    arrivals_of_ids(&ids)
-}
-
-fn arrivals_of_ids(ids: &[String]) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for id in ids {
-        *counts.entry(id.clone()).or_default() += 1;
-    }
-    counts
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} in /metrics"))
-}
-
 #[tokio::test]
 async fn a_memory_alarm_blocks_publishing_without_reconnects_and_nothing_is_lost() {
     let broker = OwnBroker::start().await;

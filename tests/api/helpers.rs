@@ -550,3 +550,24 @@ impl ChildRelay {
         .await;
     }
 }
+
+/// Counts of each `message_id` that arrived: lost ones are missing, duplicates above 1.
+pub fn arrivals(messages: &[lapin::message::BasicGetMessage]) -> BTreeMap<String, usize> {
+    let ids: Vec<String> = messages.iter().map(message_id).collect();
+    arrivals_of_ids(&ids)
+}
+
+pub fn arrivals_of_ids(ids: &[String]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for id in ids {
+        *counts.entry(id.clone()).or_default() += 1;
+    }
+    counts
+}
+
+/// A metric's value (one without labels) in a `/metrics` text.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} in /metrics"))
+}

@@ -3,8 +3,10 @@
 
 mod admin;
 mod broker_faults;
+mod broker_tls;
 mod chaos;
 mod cli;
+mod cluster;
 mod consumers;
 mod deploy;
 mod durability;
