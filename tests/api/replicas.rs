@@ -1,7 +1,13 @@
 //! Replicas behind the shipped proxy config (`deploy/nginx/kallina-relay.conf`, nginx from
-//! Debian): the proxy routes by hashing `X-Kallina-Signature` as sent, so a digest that is
-//! re-cased would reach a replica without the original's dedup key. The relay refuses every
-//! spelling but the platform's lowercase one, so such a replay is never published twice.
+//! Debian). The proxy routes by hashing `X-Kallina-Signature` as sent:
+//!
+//! - three relays take events and the platform's retries of them (same bytes), some after the
+//!   replica that took the original restarted: each event is published once; then a replica
+//!   is removed by the README's procedure, and the events that change publishes twice are
+//!   counted (exactly the removed replica's share: the ring moves nothing else);
+//! - a digest that is re-cased would reach a replica without the original's dedup key; the
+//!   relay refuses every spelling but the platform's lowercase one, so such a replay is never
+//!   published twice.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,6 +22,8 @@ use crate::helpers::*;
 struct Proxy {
     process: Child,
     address: String,
+    port: u16,
+    nginx: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -43,7 +51,8 @@ impl Proxy {
         std::fs::write(
             dir.path().join("nginx.conf"),
             format!(
-                "pid {conf}/nginx.pid;\nerror_log {conf}/error.log;\ndaemon off;\nevents {{}}\n\
+                "pid {conf}/nginx.pid;\nerror_log {conf}/error.log notice;\ndaemon off;\n\
+                 events {{}}\n\
                  http {{\n    client_body_temp_path {conf}/tmp/body;\n    \
                  proxy_temp_path {conf}/tmp/proxy;\n    fastcgi_temp_path {conf}/tmp/fastcgi;\n    \
                  uwsgi_temp_path {conf}/tmp/uwsgi;\n    scgi_temp_path {conf}/tmp/scgi;\n    \
@@ -68,6 +77,8 @@ impl Proxy {
         let proxy = Self {
             process,
             address: format!("http://127.0.0.1:{port}"),
+            port,
+            nginx,
             _dir: dir,
         };
         proxy.wait_listening(port).await;
@@ -89,6 +100,46 @@ impl Proxy {
             );
             up
         })
+        .await;
+    }
+
+    /// The shipped config with another set of replicas, as an operator's reload: returns once
+    /// the old workers have exited, so that every later request sees the new ring.
+    async fn reload(&self, replicas: &[u16]) {
+        let dir = self._dir.path();
+        let shipped = std::fs::read_to_string("deploy/nginx/kallina-relay.conf").unwrap();
+        std::fs::write(
+            dir.join("kallina-relay.conf"),
+            local(&shipped, self.port, replicas),
+        )
+        .unwrap();
+        let log = dir.join("error.log");
+        let exits = || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .matches("exited with code")
+                .count()
+        };
+        let before = exits();
+        let conf = dir.display().to_string();
+        let status = Command::new(&self.nginx)
+            .args([
+                "-p",
+                &conf,
+                "-c",
+                &format!("{conf}/nginx.conf"),
+                "-s",
+                "reload",
+            ])
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "nginx -s reload");
+        wait_until(
+            Duration::from_secs(20),
+            "nginx's old workers to exit",
+            || async { exits() > before },
+        )
         .await;
     }
 
@@ -239,4 +290,183 @@ async fn a_recased_digest_through_the_shipped_proxy_is_refused_and_published_onc
     drop(proxy);
     a.stop().await;
     b.stop_and_clean_broker(&connection, &[&queue]).await;
+}
+
+/// One replica of the three: a relay on a port of its own (the proxy's upstream address) and
+/// a data directory of its own, which a restart keeps.
+struct Replica {
+    app: Option<TestApp>,
+    port: u16,
+    config: Config,
+    names: Names,
+    dir: tempfile::TempDir,
+}
+
+impl Replica {
+    async fn start(config: &Config, names: &Names) -> Self {
+        let port = free_port();
+        let config = config
+            .clone()
+            .set("KALLINA_RELAY_LISTEN", format!("127.0.0.1:{port}"));
+        let dir = tempfile::tempdir().unwrap();
+        let app = spawn_app_at(
+            config.clone(),
+            &dir.path().join("data"),
+            names.clone(),
+            None,
+        )
+        .await;
+        Self {
+            app: Some(app),
+            port,
+            config,
+            names: names.clone(),
+            dir,
+        }
+    }
+
+    fn app(&self) -> &TestApp {
+        self.app.as_ref().expect("running")
+    }
+
+    fn upstream(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    async fn restart(&mut self) {
+        self.app.take().expect("running").stop().await;
+        let data = self.dir.path().join("data");
+        self.app = Some(spawn_app_at(self.config.clone(), &data, self.names.clone(), None).await);
+    }
+
+    async fn stop(mut self) {
+        if let Some(app) = self.app.take() {
+            app.stop().await;
+        }
+    }
+}
+
+/// Posts the original of every body through the proxy, then its retry: each retry must be
+/// answered `duplicate` by the replica that took the original. Returns that replica per body.
+async fn originals(proxy: &Proxy, bodies: &[String]) -> Vec<String> {
+    let mut took = Vec::new();
+    for body in bodies {
+        let (status, _, replica) = proxy
+            .post(body, &sign(SECRET.as_bytes(), body.as_bytes()))
+            .await;
+        assert_eq!(status, 202, "the original through the proxy");
+        took.push(replica);
+    }
+    took
+}
+
+/// The platform's retries (same bytes) of every body: the status each was answered with.
+async fn retries(proxy: &Proxy, bodies: &[String]) -> Vec<(u16, String)> {
+    let mut answers = Vec::new();
+    for body in bodies {
+        let (status, _, replica) = proxy
+            .post(body, &sign(SECRET.as_bytes(), body.as_bytes()))
+            .await;
+        answers.push((status, replica));
+    }
+    answers
+}
+
+#[tokio::test]
+async fn three_replicas_publish_each_event_once_through_retries_and_a_restart() {
+    let connection = broker().await;
+    let names = Names::random();
+    let queue = random_name("test.replicas");
+    let config = Config::default()
+        .with_broker(BROKER_URL)
+        .file(&queue_file(&queue, "#"));
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas.push(Replica::start(&config, &names).await);
+    }
+    let ports: Vec<u16> = replicas.iter().map(|r| r.port).collect();
+    let proxy = Proxy::start(&ports).await;
+    let bodies: Vec<String> = (0..90)
+        .map(|i| event_body("call.ended", &format!("replicated-{i}")))
+        .collect();
+    let took = originals(&proxy, &bodies).await;
+    for replica in &replicas {
+        let share = took.iter().filter(|t| **t == replica.upstream()).count();
+        assert!(
+            share > 0,
+            "the ring gave {} nothing: {took:?}",
+            replica.upstream()
+        );
+    }
+
+    // The replica that took the first event restarts; then every event is retried.
+    let restarted = replicas
+        .iter()
+        .position(|r| r.upstream() == took[0])
+        .unwrap();
+    replicas[restarted].restart().await;
+    let answers = retries(&proxy, &bodies).await;
+    for ((status, replica), first) in answers.iter().zip(&took) {
+        assert_eq!(
+            (*status, replica),
+            (200, first),
+            "a retry, answered duplicate where stored"
+        );
+    }
+    for replica in &replicas {
+        replica.app().wait_outbox_empty().await;
+    }
+    let once: BTreeMap<String, usize> = bodies
+        .iter()
+        .map(|b| (sha256_hex(b.as_bytes()), 1))
+        .collect();
+    let published = arrivals(&drain_queue(&connection, &queue).await);
+    assert_eq!(published, once, "each event published once");
+
+    // Removing a replica, as the README says: out of the proxy's ring, drained, stopped. The
+    // platform then retries every event once more (the worst case: every answer was lost).
+    let removed = replicas.remove((restarted + 1) % 3);
+    let kept: Vec<u16> = replicas.iter().map(|r| r.port).collect();
+    proxy.reload(&kept).await;
+    removed.app().wait_outbox_empty().await;
+    let removed_upstream = removed.upstream();
+    removed.stop().await;
+    let answers = retries(&proxy, &bodies).await;
+    for replica in &replicas {
+        replica.app().wait_outbox_empty().await;
+    }
+    let published = arrivals(&drain_queue(&connection, &queue).await);
+    let moved: Vec<&String> = bodies
+        .iter()
+        .zip(&took)
+        .filter(|(_, t)| **t == removed_upstream)
+        .map(|(b, _)| b)
+        .collect();
+    let twice: BTreeMap<String, usize> = moved
+        .iter()
+        .map(|b| (sha256_hex(b.as_bytes()), 1))
+        .collect();
+    println!(
+        "replica removal: {} of {} events had been taken by the removed replica; their retries \
+         after the removal published {} events a second time; {} retries answered duplicate",
+        moved.len(),
+        bodies.len(),
+        published.len(),
+        answers.iter().filter(|(status, _)| *status == 200).count()
+    );
+    // Only the removed replica's share moved: those events are published a second time (same
+    // message_id), every other retry is answered duplicate where it was stored.
+    assert_eq!(published, twice, "what the removal publishes again");
+    for ((status, replica), first) in answers.iter().zip(&took) {
+        if *first != removed_upstream {
+            assert_eq!((*status, replica), (200, first));
+        }
+    }
+    drop(proxy);
+    let last = replicas.pop().unwrap();
+    for replica in replicas {
+        replica.stop().await;
+    }
+    let app = last.app.expect("running");
+    app.stop_and_clean_broker(&connection, &[&queue]).await;
 }
