@@ -212,3 +212,71 @@ async fn the_python_consumer_processes_an_event_once_and_skips_its_copies_across
     );
     app.stop_and_clean_broker(&connection, &[&queue]).await;
 }
+
+/// `examples/consumers/python/stream_reader.py` from `offset`, until it has read `count`:
+/// the `offset <n> <message_id> <event>` lines it printed.
+async fn read_stream(queue: &str, offset: &str, count: usize) -> Vec<(u64, String)> {
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/consumers/python/stream_reader.py");
+    let run = Command::new("python3")
+        .arg(script)
+        .args([
+            "--amqp-url",
+            BROKER_URL,
+            "--queue",
+            queue,
+            "--offset",
+            offset,
+        ])
+        .args(["--max-messages", &count.to_string()])
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(LINE_TIMEOUT, run)
+        .await
+        .expect("the stream reader exits after --max-messages")
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "stream_reader.py: {}",
+        output.status
+    );
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            assert_eq!(fields[0], "offset", "{line}");
+            (fields[1].parse().unwrap(), fields[2].to_string())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_stream_declared_by_the_relay_is_read_again_from_any_offset() {
+    require_pika();
+    let connection = broker().await;
+    let queue = random_name("test.stream");
+    let app = spawn_app(Config::default().with_broker(BROKER_URL).file(&format!(
+        "[[queues]]\nname = \"{queue}\"\nbindings = [\"#\"]\ntype = \"stream\"\nmax_age = \"1D\"\n"
+    )))
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let body = event_body("call.ended", &format!("stream-{i}"));
+        assert_eq!(app.post_signed(body.clone()).await.status(), 202);
+        ids.push(sha256_hex(body.as_bytes()));
+    }
+    app.wait_outbox_empty().await;
+    // Reading removes nothing: two readers from the first offset both see every event.
+    let first = read_stream(&queue, "first", 3).await;
+    let again = read_stream(&queue, "first", 3).await;
+    assert_eq!(first, again);
+    let read: Vec<String> = first.iter().map(|(_, id)| id.clone()).collect();
+    assert_eq!(read, ids);
+    // From the second event's offset: the second and the third.
+    let from_second = read_stream(&queue, &first[1].0.to_string(), 2).await;
+    assert_eq!(from_second, first[1..].to_vec());
+    app.stop_and_clean_broker(&connection, &[&queue]).await;
+}
