@@ -1,7 +1,8 @@
 //! The chaos soak: for a set time, distinct events stream in while the real binary is killed
 //! with SIGKILL and RabbitMQ is restarted at random moments; at the end, every event answered
 //! 2xx must be found on the queue. Not in the default suite (`#[ignore]`): it runs for minutes.
-//! Run it with `scripts/chaos-soak.sh [SECONDS]`.
+//! Run it with `scripts/chaos-soak.sh [SECONDS]`; `scripts/chaos-soak.sh --cluster [SECONDS]`
+//! runs it on a three-node cluster with quorum queues, restarting one node at a time.
 //!
 //! It starts its own RabbitMQ node (own name, ports, data and cookie in a temporary directory),
 //! so that restarting it disturbs no other test or process using the shared broker. A broker
@@ -103,6 +104,49 @@ impl BrokerNode {
 
     fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// The Erlang cookie of a cluster: nodes (and their CLI tools) that share it may join.
+    fn share_cookie(&self, cookie: &str) {
+        let path = self.dir.join(".erlang.cookie");
+        std::fs::write(&path, cookie).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o400))
+            .unwrap();
+    }
+
+    /// `rabbitmqctl`/`rabbitmq-queues ARGS` on this node; panics with its output on failure.
+    async fn tool(&self, program: &str, args: &[&str]) -> Result<(), String> {
+        let output = tokio::time::timeout(
+            Duration::from_secs(120),
+            self.command(program)
+                .arg("-n")
+                .arg(&self.name)
+                .args(args)
+                .output(),
+        )
+        .await
+        .map_err(|_| format!("{program} {args:?}: no answer within 120 s"))?
+        .map_err(|e| e.to_string())?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{program} {args:?}: {}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ))
+        }
+    }
+
+    /// Joins the cluster of `first` (a node already running).
+    async fn join(&self, first: &BrokerNode) {
+        for step in [
+            vec!["stop_app"],
+            vec!["join_cluster", first.name.as_str()],
+            vec!["start_app"],
+        ] {
+            self.tool("rabbitmqctl", &step).await.unwrap();
+        }
     }
 
     fn pid_file(&self) -> PathBuf {
@@ -533,29 +577,62 @@ async fn chaos_soak() {
             .tempdir()
             .unwrap(),
     ));
-    let node = BrokerNode::new(&root.path().join("rabbitmq"));
+    // Cluster mode: that many nodes joined in one cluster, quorum queues, every URL to the relay.
+    let cluster: usize = env_or("KALLINA_RELAY_CHAOS_CLUSTER", 1).max(1);
+    let nodes: Vec<BrokerNode> = (0..cluster)
+        .map(|i| BrokerNode::new(&root.path().join(format!("rabbitmq-{i}"))))
+        .collect();
     let relay_dir = root.path().join("relay");
     std::fs::create_dir_all(&relay_dir).unwrap();
     let setup = ChildSetup::new(&relay_dir, "chaos.all");
+    if cluster > 1 {
+        std::fs::write(
+            &setup.config_file,
+            format!(
+                "unrouted_queue_type = \"quorum\"\n[[queues]]\nname = \"{}\"\n\
+                 bindings = [\"#\"]\ntype = \"quorum\"\n",
+                setup.queue
+            ),
+        )
+        .unwrap();
+    }
     let queue = setup.queue.clone();
     let unrouted = setup.names.unrouted.clone();
+    let node_list: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("{} on port {}", n.name, n.port))
+        .collect();
     log(
         start,
         format!(
-            "chaos soak for {secs} s at {rate}/s ({senders} senders); RabbitMQ node {} on port {}; files in {}",
-            node.name,
-            node.port,
+            "chaos soak for {secs} s at {rate}/s ({senders} senders); RabbitMQ {}; files in {}",
+            node_list.join(", "),
             root.path().display()
         ),
     );
-    let took = node.start().await;
-    log(
-        start,
-        format!("RabbitMQ node up in {:.1} s", took.as_secs_f64()),
-    );
+    let cookie = random_name("chaos-cookie").replace('.', "");
+    for node in &nodes {
+        if cluster > 1 {
+            node.share_cookie(&cookie);
+        }
+        let took = node.start().await;
+        log(
+            start,
+            format!(
+                "RabbitMQ node {} up in {:.1} s",
+                node.name,
+                took.as_secs_f64()
+            ),
+        );
+    }
+    for node in &nodes[1..] {
+        node.join(&nodes[0]).await;
+        log(start, format!("{} joined {}", node.name, nodes[0].name));
+    }
+    let urls: Vec<String> = nodes.iter().map(BrokerNode::url).collect();
 
     let mut relay = Relay {
-        amqp_url: node.url(),
+        amqp_url: urls.join(","),
         log: relay_dir.join("relay.log"),
         setup,
         current: None,
@@ -642,6 +719,21 @@ async fn chaos_soak() {
                 ),
             );
         } else {
+            let node = &nodes[fastrand::usize(..nodes.len())];
+            // On a cluster, never take down the node a quorum queue's majority still needs (a
+            // member restarted a moment ago may still be catching up).
+            if cluster > 1 {
+                let critical = node
+                    .tool("rabbitmq-queues", &["check_if_node_is_quorum_critical"])
+                    .await;
+                if critical.is_err() {
+                    log(
+                        start,
+                        format!("{} is quorum critical: not restarted now", node.name),
+                    );
+                    continue;
+                }
+            }
             let stopping = Instant::now();
             // Half orderly stops (connections closed by the broker, queues saved), half
             // crashes (TCP reset, recovery from an unclean shutdown).
@@ -676,8 +768,9 @@ async fn chaos_soak() {
             log(
                 start,
                 format!(
-                    "broker restart #{} ({how}): down after {:.2} s, up again after {:.1} s{also}",
+                    "broker restart #{} of {} ({how}): down after {:.2} s, up again after {:.1} s{also}",
                     chaos.broker_stops + chaos.broker_crashes,
+                    node.name,
                     down.as_secs_f64(),
                     took.as_secs_f64()
                 ),
@@ -720,7 +813,7 @@ async fn chaos_soak() {
     );
     relay.kill();
 
-    let connection = Connection::connect(&node.url(), ConnectionProperties::default())
+    let connection = Connection::connect(&nodes[0].url(), ConnectionProperties::default())
         .await
         .expect("the chaos node takes a connection");
     let mut messages = consume_all(&connection, &queue).await;
@@ -761,9 +854,11 @@ async fn chaos_soak() {
         .count();
 
     println!(
-        "chaos soak: {} s, relay kills {}, broker restarts {} ({} rabbitmqctl stop, {} SIGKILL) | \
-         sent {}, accepted {}, arrived {} (distinct accepted), duplicated {}, lost {}, unexpected {}",
+        "chaos soak: {} s, {} broker node(s), relay kills {}, broker restarts {} ({} rabbitmqctl stop, \
+         {} SIGKILL) | sent {}, accepted {}, arrived {} (distinct accepted), duplicated {}, lost {}, \
+         unexpected {}",
         soaked.as_secs(),
+        nodes.len(),
         chaos.relay_kills,
         chaos.broker_stops + chaos.broker_crashes,
         chaos.broker_stops,
@@ -820,5 +915,7 @@ async fn chaos_soak() {
         chaos.relay_exits
     );
     assert!(!accepted.is_empty(), "the stream got going");
-    node.stop().await;
+    for node in nodes.iter().rev() {
+        node.stop().await;
+    }
 }

@@ -659,6 +659,7 @@ async fn no_secret_token_or_amqp_password_reaches_the_logs_of_a_full_run() {
     let (port, admin_port) = (free_port(), free_port());
     let webhook_secret = "whsec_never_log_me_7f3a";
     let amqp_password = "amqp_never_log_me_91c2";
+    let second_amqp_password = "second_node_never_log_me_3b7d";
     let admin_token = "admin_token_never_log_me_5d8e";
     // A file, not a pipe: at trace level the logs would fill a pipe nobody reads yet.
     let log_path = dir.path().join("relay.log");
@@ -671,7 +672,11 @@ async fn no_secret_token_or_amqp_password_reaches_the_logs_of_a_full_run() {
         )
         .env(
             "KALLINA_RELAY_AMQP_URL",
-            format!("amqp://kallina:{amqp_password}@127.0.0.1:5672/%2f"),
+            // Two nodes, each with a password: the relay tries and logs both.
+            format!(
+                "amqp://kallina:{amqp_password}@127.0.0.1:5672/%2f,\
+                 amqp://kallina:{second_amqp_password}@127.0.0.1:1/%2f"
+            ),
         )
         .env("KALLINA_RELAY_LISTEN", format!("127.0.0.1:{port}"))
         .env(
@@ -733,6 +738,7 @@ async fn no_secret_token_or_amqp_password_reaches_the_logs_of_a_full_run() {
         webhook_secret,
         "older_secret_never_logged",
         amqp_password,
+        second_amqp_password,
         admin_token,
     ] {
         assert!(!logs.contains(secret), "{secret} appears in the logs");
