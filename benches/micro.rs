@@ -66,6 +66,7 @@ fn store_commit_batch(c: &mut Criterion) {
                             redelivered: false,
                             attempts_before: 0,
                             delivery_id: None,
+                            trace: None,
                         }
                     })
                     .collect::<Vec<_>>()

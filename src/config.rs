@@ -380,6 +380,20 @@ impl<'a> Field<'a> {
         Ok(v.to_string())
     }
 
+    /// A file-only table's error, naming the file.
+    pub fn file_error(&self, reason: impl Into<String>) -> ConfigError {
+        ConfigError::File {
+            path: self.file.unwrap_or("-").to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    /// A file-only table as the file holds it, for a stage that checks it against other
+    /// settings; `None` when absent.
+    pub fn raw_table(&self) -> Option<toml::Value> {
+        self.table.cloned()
+    }
+
     /// A file-only table, deserialized; absent means the type's default.
     pub fn table<T: serde::de::DeserializeOwned + Default>(&self) -> Result<T, ConfigError> {
         match self.table {

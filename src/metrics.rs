@@ -95,8 +95,8 @@ impl Metrics {
         let metrics = Self {
             webhooks: counter(
                 "kallina_relay_webhooks_total",
-                "Webhook requests answered, by event type and outcome",
-                &["event", "outcome"],
+                "Webhook requests answered, by source, event type and outcome",
+                &["source", "event", "outcome"],
             ),
             request_duration: histogram(
                 "kallina_relay_request_duration_seconds",
@@ -105,8 +105,8 @@ impl Metrics {
             ),
             signature_matches: counter(
                 "kallina_relay_signature_matches_total",
-                "Verified requests by the position of the secret that matched (0 = first)",
-                &["secret"],
+                "Verified requests by source and the position of the secret that matched (0 = first)",
+                &["source", "secret"],
             ),
             store_commit_duration: histogram(
                 "kallina_relay_store_commit_duration_seconds",
@@ -129,8 +129,8 @@ impl Metrics {
             ),
             published: counter(
                 "kallina_relay_published_total",
-                "Events confirmed by the broker, by event type",
-                &["event"],
+                "Events confirmed by the broker, by source and event type",
+                &["source", "event"],
             ),
             publish_errors: counter(
                 "kallina_relay_publish_errors_total",
@@ -200,9 +200,6 @@ impl Metrics {
         for trigger in ["redeliver", "redrive", "quarantine"] {
             metrics.redelivered.with_label_values(&[trigger]);
         }
-        for event in KNOWN_EVENTS.iter().chain(&["other"]) {
-            metrics.published.with_label_values(&[event]);
-        }
         for reason in [
             "nack",
             "returned",
@@ -217,6 +214,16 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition, with the store gauges read fresh.
+    /// Shows a zero for each configured source and known event type before the first
+    /// publish, so that rates and alerts have a series from the start.
+    pub fn seed_sources<'a>(&self, sources: impl IntoIterator<Item = &'a str>) {
+        for source in sources {
+            for event in KNOWN_EVENTS.iter().chain(&["other"]) {
+                self.published.with_label_values(&[source, event]);
+            }
+        }
+    }
+
     pub fn render(&self, store: &StoreStats) -> String {
         self.outbox_events.set(store.outbox_events as i64);
         self.outbox_oldest_age
@@ -254,7 +261,7 @@ mod tests {
     fn histograms_and_gauges_render() {
         let m = Metrics::new();
         m.webhooks
-            .with_label_values(&["call.ended", "accepted"])
+            .with_label_values(&["kallina-relay", "call.ended", "accepted"])
             .inc();
         let text = m.render(&StoreStats {
             outbox_events: 3,
@@ -265,8 +272,9 @@ mod tests {
             quarantined_events: 1,
             writable: true,
         });
-        assert!(text
-            .contains("kallina_relay_webhooks_total{event=\"call.ended\",outcome=\"accepted\"} 1"));
+        assert!(text.contains(
+            "kallina_relay_webhooks_total{event=\"call.ended\",outcome=\"accepted\",source=\"kallina-relay\"} 1"
+        ), "{text}");
         assert!(text.contains("kallina_relay_outbox_events 3"));
         assert!(text.contains("kallina_relay_dedup_keys 7"));
         assert!(text.contains("kallina_relay_archive_events 2"));

@@ -14,7 +14,7 @@ use crate::config::{format_duration, ConfigError, Layers, Setting, Spec};
 use crate::ingress::options::{self as ingress, IngressOptions};
 use crate::relay::options::{self as relay, RelayOptions};
 use crate::store::options::{self as store, StoreOptions};
-use crate::telemetry::{self, LogFormat};
+use crate::telemetry::{self, LogFormat, OtlpOptions};
 
 pub const SHUTDOWN_GRACE: Setting<Duration> = Setting::new(
     Spec::new(
@@ -30,12 +30,13 @@ pub const SHUTDOWN_GRACE: Setting<Duration> = Setting::new(
 /// Every declared setting, stage by stage: what the file may hold, what the flags are, and the
 /// rows of the README's table.
 pub fn all() -> impl Iterator<Item = &'static Spec> {
-    let process: &'static [&'static Spec] = &[&telemetry::LOG_FORMAT.spec, &SHUTDOWN_GRACE.spec];
+    let process: &'static [&'static Spec] = &[&SHUTDOWN_GRACE.spec];
     [
         ingress::SETTINGS,
         store::SETTINGS,
         relay::SETTINGS,
         admin::SETTINGS,
+        telemetry::SETTINGS,
         process,
     ]
     .into_iter()
@@ -51,6 +52,8 @@ pub struct Settings {
     pub relay: RelayOptions,
     pub admin: AdminOptions,
     pub log_format: Option<LogFormat>,
+    /// Where spans are exported; `None`: nowhere.
+    pub otlp: Option<OtlpOptions>,
     pub shutdown_grace: Duration,
 }
 
@@ -62,7 +65,7 @@ impl Settings {
         let ingress = IngressOptions::from_values(&values)?;
         let store = StoreOptions::from_values(&values)?;
         // Saturating: durations near u64::MAX seconds are valid input and must not overflow.
-        let window = ingress.tolerance.saturating_add(ingress.future_skew);
+        let window = ingress.max_tolerance().saturating_add(ingress.future_skew);
         if store.dedup_retention < window {
             return Err(values.field(&store::DEDUP_RETENTION.spec).invalid(format!(
                 "a duration of at least tolerance + future skew ({}), so that a replay inside \
@@ -75,6 +78,7 @@ impl Settings {
             relay: RelayOptions::from_values(&values, shutdown_grace)?,
             admin: AdminOptions::from_values(&values)?,
             log_format: values.get(&telemetry::LOG_FORMAT)?,
+            otlp: telemetry::otlp_options(&values)?,
             shutdown_grace,
             ingress,
             store,
@@ -86,14 +90,19 @@ impl Settings {
         let (i, s, r) = (&self.ingress, &self.store, &self.relay);
         let on = |yes: bool| if yes { "on" } else { "off" };
         format!(
-            "listen={} admin_listen={} data_dir={} secrets={} max_body={} tolerance={} \
+            "listen={} admin_listen={} data_dir={} secrets={} sources={} max_body={} tolerance={} \
              future_skew={} dedup_retention={} outbox_max={} id_header={} amqp={} exchange={} \
              unrouted_exchange={} publish_window={} queues={} archive_retention={} admin_api={} \
              tls={}",
             i.listen,
             self.admin.listen,
             s.data_dir.display(),
-            i.secrets.len(),
+            i.default_source().map_or(0, |s| s.secrets.len()),
+            i.sources
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
             i.max_body,
             format_duration(i.tolerance),
             format_duration(i.future_skew),
@@ -191,7 +200,10 @@ mod tests {
     #[test]
     fn defaults_apply_once_a_secret_is_set() {
         let s = Settings::load(&layers(&[("KALLINA_WEBHOOK_SECRET", "a, b")])).unwrap();
-        assert_eq!(s.ingress.secrets, vec![Secret::new("a"), Secret::new("b")]);
+        assert_eq!(
+            s.ingress.default_source().unwrap().secrets,
+            vec![Secret::new("a"), Secret::new("b")]
+        );
         assert_eq!(s.ingress.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(s.admin.listen.to_string(), "127.0.0.1:9090");
         assert_eq!(s.ingress.max_body, 1 << 20);
@@ -326,7 +338,7 @@ mod tests {
         )]))
         .unwrap();
         assert_eq!(
-            s.ingress.secrets,
+            s.ingress.default_source().unwrap().secrets,
             vec![Secret::new("new-secret"), Secret::new("old-secret")]
         );
     }
@@ -371,7 +383,8 @@ mod tests {
         l.file = Some(("kallina-relay.example.toml".into(), text.into()));
         let s = Settings::load(&l).unwrap();
         assert_eq!(s.ingress.source, "kallina-relay-eu-1");
-        assert_eq!(s.relay.topology.queues.len(), 2);
+        assert_eq!(s.relay.topology.queues.len(), 3);
+        assert_eq!(s.relay.topology.queues[2].queue_type, QueueType::Stream);
         assert_eq!(s.relay.topology.queues[0].queue_type, QueueType::Quorum);
     }
 

@@ -30,6 +30,7 @@ use crate::relay::{BrokerStatus, Relay};
 use crate::settings::Settings;
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 use crate::store::Store;
+use crate::telemetry::Spans;
 
 /// Body limit of the admin listener: only small JSON requests (a redrive's filter).
 const ADMIN_MAX_BODY: usize = 64 * 1024;
@@ -43,6 +44,8 @@ pub struct Application {
     store: Store,
     relay: Relay,
     settings: Settings,
+    /// Span export, flushed last.
+    spans: Spans,
     /// Tasks the admin API starts (redrives), awaited when stopping.
     admin_tasks: TaskTracker,
     trigger: ShutdownTrigger,
@@ -54,6 +57,11 @@ impl Application {
     pub fn build(settings: Settings) -> anyhow::Result<Self> {
         let store = Store::open(&settings.store)?;
         let metrics = Metrics::new();
+        metrics.seed_sources(settings.ingress.sources.iter().map(|s| s.name.as_str()));
+        let spans = match &settings.otlp {
+            Some(otlp) => Spans::start(otlp)?,
+            None => Spans::off(),
+        };
         let broker = BrokerStatus::default();
         let (trigger, shutdown) = shutdown::channel();
         let admin_tasks = TaskTracker::new();
@@ -63,6 +71,7 @@ impl Application {
             &settings.ingress,
             store.clone(),
             metrics.clone(),
+            spans.clone(),
             shutdown.clone(),
         ));
         // One HTTP worker per core, as actix would choose; the count is needed for the cap.
@@ -115,7 +124,13 @@ impl Application {
         .listen(admin_listener)?
         .run();
 
-        let relay = Relay::new(store.clone(), settings.relay.clone(), metrics, broker);
+        let relay = Relay::new(
+            store.clone(),
+            settings.relay.clone(),
+            metrics,
+            broker,
+            spans.clone(),
+        );
         Ok(Self {
             public_port,
             admin_port,
@@ -124,6 +139,7 @@ impl Application {
             store,
             relay,
             settings,
+            spans,
             admin_tasks,
             trigger,
             shutdown,
@@ -151,6 +167,7 @@ impl Application {
             store,
             relay,
             settings,
+            spans,
             admin_tasks,
             trigger,
             mut shutdown,
@@ -196,6 +213,7 @@ impl Application {
         );
         admin_handle.stop(true).await;
         let _ = admin_task.await;
+        spans.shutdown();
         // "Stopped" means the data directory is free for the next process (or, in tests, the
         // next application in this one): wait for the workers' handles to go too.
         let released = store.released();

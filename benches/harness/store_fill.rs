@@ -32,6 +32,7 @@ pub(crate) async fn prefill(dir: &Path, count: u64) -> Result<u64> {
                         redelivered: false,
                         attempts_before: 0,
                         delivery_id: None,
+                        trace: None,
                     };
                     store.accept(record).await?;
                 }

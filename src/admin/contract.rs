@@ -15,6 +15,9 @@ pub struct EventSummary {
     /// The dedup key, which is the AMQP `message_id`.
     pub id: String,
     pub event: String,
+    /// The source it came from (`x-source`).
+    #[serde(default)]
+    pub source: String,
     /// `pending` (in the outbox) or `published` (confirmed, in the archive).
     pub status: String,
     /// RFC 3339, milliseconds.
@@ -30,6 +33,7 @@ impl From<&EventView> for EventSummary {
         Self {
             id: view.record.key.clone(),
             event: view.record.event.clone(),
+            source: view.record.source.clone(),
             status: view.status.as_str().to_string(),
             received: rfc3339_ms(view.record.received_at_ms),
             published: view.published_at_ms.map(rfc3339_ms),

@@ -40,7 +40,7 @@ pub enum IngressError {
     },
     #[error("only POST is allowed here")]
     MethodNotAllowed,
-    #[error("no such endpoint: webhooks are received at POST /webhooks/kallina")]
+    #[error("no such endpoint: webhooks are received at POST /webhooks/<source>, for the sources this relay is configured with")]
     NotFound,
 }
 

@@ -11,8 +11,10 @@ mod connection;
 mod envelope;
 mod error;
 pub mod options;
+pub mod sources;
 mod tls;
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
 use actix_web::http::header::CONTENT_ENCODING;
@@ -21,23 +23,30 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
+use tracing::Instrument;
 
 use budget::{BodyBudget, Held};
 pub use connection::remember as remember_connection;
 pub use envelope::{parse as parse_envelope, Envelope, PayloadError};
 pub use error::IngressError;
 pub use options::{IngressOptions, TlsFiles};
+pub use sources::Source;
 pub use tls::server_config as tls_server_config;
 
-use crate::config::Secret;
 use crate::http::{respond, ApiError, RequestId};
 use crate::metrics::{event_label, Metrics};
 use crate::shutdown::Shutdown;
 use crate::signature;
 use crate::store::{dedup_keys, unix_millis, OutboxRecord, Store, StoreError, Stored};
+use crate::telemetry::{FinishedSpan, Spans};
+use crate::trace::TraceContext;
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
 
-/// The webhook path the platform posts to.
+/// The webhook path the platform posts to (the default source's).
 pub const WEBHOOK_PATH: &str = "/webhooks/kallina";
+/// Every source's path: `/webhooks/<segment>`.
+const SOURCE_PATH: &str = "/webhooks/{source}";
 /// Longest delivery id accepted as a dedup key.
 const MAX_ID_LEN: usize = 200;
 /// How long a sender should wait before retrying when the outbox is full (broker away).
@@ -47,21 +56,27 @@ const RETRY_AFTER_BRIEF: u32 = 5;
 
 /// What the webhook handler needs, shared by every worker.
 pub struct Ingress {
-    pub secrets: Vec<Secret>,
+    /// By the last segment of their path.
+    sources: HashMap<String, Served>,
     pub max_body: usize,
     pub body_timeout: Duration,
-    pub tolerance: Duration,
     pub future_skew: Duration,
     pub id_header: Option<String>,
-    pub source: String,
     /// Bytes of request bodies held at once, across every connection.
     pub budget: BodyBudget,
     pub store: Store,
     pub metrics: Metrics,
-    /// `kallina_relay_signature_matches_total{secret}`, one per secret, resolved once.
-    signature_matches: Vec<prometheus::IntCounter>,
+    /// Where the receive and store spans go (nowhere unless OTLP is set).
+    spans: Spans,
     /// Fired when shutdown begins: new requests get 503 while in-flight ones finish.
     pub shutdown: Shutdown,
+}
+
+/// A source as the handler serves it, with its metrics resolved once.
+struct Served {
+    source: Source,
+    /// `kallina_relay_signature_matches_total{source, secret}`, one per secret.
+    signature_matches: Vec<prometheus::IntCounter>,
 }
 
 impl Ingress {
@@ -69,24 +84,35 @@ impl Ingress {
         options: &IngressOptions,
         store: Store,
         metrics: Metrics,
+        spans: Spans,
         shutdown: Shutdown,
     ) -> Self {
+        let sources = options
+            .sources
+            .iter()
+            .map(|source| {
+                let signature_matches = (0..source.secrets.len())
+                    .map(|i| {
+                        metrics
+                            .signature_matches
+                            .with_label_values(&[&source.name, &i.to_string()])
+                    })
+                    .collect();
+                let served = Served {
+                    source: source.clone(),
+                    signature_matches,
+                };
+                (source.segment().to_string(), served)
+            })
+            .collect();
         Self {
-            secrets: options.secrets.clone(),
+            sources,
             max_body: options.max_body,
             body_timeout: options.body_timeout,
-            tolerance: options.tolerance,
             future_skew: options.future_skew,
             id_header: options.id_header.clone(),
-            source: options.source.clone(),
             budget: BodyBudget::new(options.max_inflight_body),
-            signature_matches: (0..options.secrets.len())
-                .map(|i| {
-                    metrics
-                        .signature_matches
-                        .with_label_values(&[&i.to_string()])
-                })
-                .collect(),
+            spans,
             store,
             metrics,
             shutdown,
@@ -97,11 +123,15 @@ impl Ingress {
 /// Routes of the public listener.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(
-        web::resource(WEBHOOK_PATH)
+        web::resource(SOURCE_PATH)
             .route(web::post().to(receive))
             .default_service(web::to(
                 |req: HttpRequest, ingress: web::Data<Ingress>| async move {
-                    answer_error(&req, &ingress, IngressError::MethodNotAllowed)
+                    let error = match ingress.source_of(&req) {
+                        Some(_) => IngressError::MethodNotAllowed,
+                        None => IngressError::NotFound,
+                    };
+                    answer_error(&req, &ingress, error)
                 },
             )),
     )
@@ -112,11 +142,22 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     ));
 }
 
+impl Ingress {
+    /// The source whose path the request was posted to.
+    fn source_of(&self, req: &HttpRequest) -> Option<&Served> {
+        self.sources.get(req.match_info().get("source")?)
+    }
+}
+
+/// An answer before any source is known: the `source` label is `none`, as the `event` one.
 fn answer_error(req: &HttpRequest, ingress: &Ingress, error: IngressError) -> HttpResponse {
+    let source = ingress
+        .source_of(req)
+        .map_or("none", |s| s.source.name.as_str());
     ingress
         .metrics
         .webhooks
-        .with_label_values(&["none", error.code()])
+        .with_label_values(&[source, "none", error.code()])
         .inc();
     respond(&error, &RequestId::of(req))
 }
@@ -143,9 +184,31 @@ async fn receive(
     ingress: web::Data<Ingress>,
 ) -> HttpResponse {
     let started = Instant::now();
+    let Some(served) = ingress.source_of(&req) else {
+        // Before the body is read: nobody is expected at this path.
+        connection::stop_reading(&req);
+        return answer_error(&req, &ingress, IngressError::NotFound);
+    };
     let request_id = RequestId::of(&req);
+    let trace = trace_of(&req);
+    // Every log line of the request carries its trace id.
+    let span = tracing::info_span!("webhook", request_id = %request_id, trace_id = %trace.trace_id);
+    receive_in(&req, payload, &ingress, served, request_id, trace, started)
+        .instrument(span)
+        .await
+}
+
+async fn receive_in(
+    req: &HttpRequest,
+    payload: web::Payload,
+    ingress: &Ingress,
+    served: &Served,
+    request_id: String,
+    trace: TraceContext,
+    started: Instant,
+) -> HttpResponse {
     let received_at = SystemTime::now();
-    let reading = body::read(&req, payload, ingress.max_body, &ingress.budget);
+    let reading = body::read(req, payload, ingress.max_body, &ingress.budget);
     let body = match tokio::time::timeout(ingress.body_timeout, reading).await {
         Ok(body) => body,
         Err(_) => Err(IngressError::RequestTimeout {
@@ -154,7 +217,10 @@ async fn receive(
     };
     // What the body holds of the budget is given back once the request is answered.
     let (Handled { event, result }, _held) = match body {
-        Ok((body, held)) => (handle(&req, body, received_at, &ingress).await, held),
+        Ok((body, held)) => (
+            handle(req, body, received_at, served, &trace, ingress).await,
+            held,
+        ),
         Err(e) => (Handled::refused(None, e), Held::default()),
     };
     let response = match &result {
@@ -179,7 +245,7 @@ async fn receive(
                     | IngressError::RequestTimeout { .. }
                     | IngressError::BodyBudgetFull { .. }
             ) {
-                connection::stop_reading(&req);
+                connection::stop_reading(req);
             }
             respond(e, &request_id)
         }
@@ -198,11 +264,21 @@ async fn receive(
     let metrics = &ingress.metrics;
     metrics
         .webhooks
-        .with_label_values(&[event_label(event.as_deref()), outcome])
+        .with_label_values(&[&served.source.name, event_label(event.as_deref()), outcome])
         .inc();
     metrics
         .request_duration
         .observe(started.elapsed().as_secs_f64());
+    if ingress.spans.enabled() {
+        export_receive_span(
+            ingress,
+            served,
+            &trace,
+            received_at,
+            event.as_deref(),
+            &result,
+        );
+    }
     // Refusals of bad input stay at debug: on a public port they are the internet's noise, and
     // the metrics count them. Our own failures (5xx) are worth a warning.
     match &result {
@@ -213,6 +289,50 @@ async fn receive(
         Ok(_) => {}
     }
     response
+}
+
+/// The request's span: a server span, a child of the caller's when it sent a `traceparent`.
+fn export_receive_span(
+    ingress: &Ingress,
+    served: &Served,
+    trace: &TraceContext,
+    start: SystemTime,
+    event: Option<&str>,
+    result: &Result<Taken, IngressError>,
+) {
+    let (status, outcome) = match result {
+        Ok(Taken {
+            stored: Stored::New,
+            ..
+        }) => (202, "accepted"),
+        Ok(Taken {
+            stored: Stored::Duplicate,
+            ..
+        }) => (200, "duplicate"),
+        Err(e) => (e.status().as_u16(), e.code()),
+    };
+    let mut attributes = vec![
+        KeyValue::new("http.request.method", "POST"),
+        KeyValue::new("http.route", SOURCE_PATH),
+        KeyValue::new("http.response.status_code", i64::from(status)),
+        KeyValue::new("kallina.source", served.source.name.clone()),
+        KeyValue::new("kallina.outcome", outcome),
+    ];
+    if let Some(event) = event {
+        attributes.push(KeyValue::new("kallina.event", event.to_string()));
+    }
+    if let Ok(taken) = result {
+        attributes.push(KeyValue::new("messaging.message.id", taken.key.clone()));
+    }
+    ingress.spans.export(FinishedSpan {
+        name: "receive",
+        kind: SpanKind::Server,
+        context: trace,
+        start,
+        end: SystemTime::now(),
+        attributes,
+        error: (status >= 500).then(|| outcome.to_string()),
+    });
 }
 
 /// What became of one request: the event type once the envelope was read (the metrics'
@@ -242,9 +362,11 @@ async fn handle(
     req: &HttpRequest,
     body: Vec<u8>,
     received_at: SystemTime,
+    served: &Served,
+    trace: &TraceContext,
     ingress: &Ingress,
 ) -> Handled {
-    let verified = match verify(req, &body, received_at, ingress) {
+    let verified = match verify(req, &body, received_at, served, ingress) {
         Ok(v) => v,
         Err((event, e)) => return Handled::refused(event, e),
     };
@@ -287,20 +409,33 @@ async fn handle(
             .unwrap_or_default()
             .to_string(),
         received_at_ms: unix_millis(received_at),
-        source: ingress.source.clone(),
+        source: served.source.name.clone(),
         // The buffer the body was read into, moved: no copy.
         body,
         redelivered: false,
         attempts_before: 0,
         delivery_id,
+        trace: Some(trace.clone()),
     };
     let commit_started = Instant::now();
+    let commit_start_time = SystemTime::now();
     let key = record.key.clone();
     let stored = ingress.store.accept(record).await;
     ingress
         .metrics
         .store_commit_duration
         .observe(commit_started.elapsed().as_secs_f64());
+    if ingress.spans.enabled() {
+        ingress.spans.export(FinishedSpan {
+            name: "store",
+            kind: SpanKind::Internal,
+            context: &trace.child(),
+            start: commit_start_time,
+            end: SystemTime::now(),
+            attributes: vec![KeyValue::new("messaging.message.id", key.clone())],
+            error: stored.as_ref().err().map(|e| e.to_string()),
+        });
+    }
     let result = match stored {
         Ok(stored) => Ok(Taken { stored, key }),
         Err(StoreError::Full { capacity }) => Err(unavailable(
@@ -327,6 +462,7 @@ fn verify<'a>(
     req: &HttpRequest,
     body: &'a [u8],
     received_at: SystemTime,
+    served: &Served,
     ingress: &Ingress,
 ) -> Result<Verified<'a>, (Option<String>, IngressError)> {
     let fail = |e| (None, e);
@@ -349,9 +485,9 @@ fn verify<'a>(
             )))
         }
     };
-    let secret_index = signature::verify(&ingress.secrets, header, body)
+    let secret_index = signature::verify(&served.source.secrets, header, body)
         .map_err(|e| fail(IngressError::Signature(e)))?;
-    ingress.signature_matches[secret_index].inc();
+    served.signature_matches[secret_index].inc();
 
     let envelope = parse_envelope(body).map_err(|e| fail(IngressError::InvalidPayload(e)))?;
     let event = Some(envelope.event.to_string());
@@ -360,13 +496,13 @@ fn verify<'a>(
     check_window(
         envelope.timestamp,
         received_at,
-        ingress.tolerance,
+        served.source.tolerance,
         ingress.future_skew,
     )
     .map_err(|e| (event, e))?;
     Ok(Verified {
         envelope,
-        key: hex::encode(Sha256::digest(body)),
+        key: served.source.key(&hex::encode(Sha256::digest(body))),
         delivery_id,
     })
 }
@@ -425,6 +561,18 @@ fn delivery_id(req: &HttpRequest, id_header: Option<&str>) -> Result<Option<Stri
         });
     }
     Ok(Some(String::from_utf8_lossy(value).into_owned()))
+}
+
+/// The request's trace context: its `traceparent` continued, or a new trace. Several
+/// `tracestate` headers are one list, joined with commas.
+fn trace_of(req: &HttpRequest) -> TraceContext {
+    let state: Vec<&str> = req
+        .headers()
+        .get_all("tracestate")
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let state = (!state.is_empty()).then(|| state.join(","));
+    TraceContext::of_request(header_str(req, "traceparent"), state.as_deref())
 }
 
 fn header_str<'r>(req: &'r HttpRequest, name: &str) -> Option<&'r str> {

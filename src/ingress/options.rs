@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::sources::{named_sources, Source, DEFAULT_SEGMENT};
 use crate::config::{ConfigError, Secret, Setting, Spec, Values};
 
 pub const WEBHOOK_SECRET: Setting<Vec<Secret>> = Setting::new(
@@ -124,6 +125,15 @@ pub const SOURCE: Setting<String> = Setting::new(
     .flag(),
     |f| f.short_string(),
 );
+pub const SOURCES: Setting<Option<toml::Value>> = Setting::new(
+    Spec::file_only(
+        "sources",
+        "more sources, each at `POST /webhooks/<name>`: `[[sources]]` with `name`, `secrets` \
+         (newest first) or `secret_file`, and optionally `tolerance`",
+    )
+    .note("none: only `/webhooks/kallina`"),
+    |f| Ok(f.raw_table()),
+);
 pub const TLS_CERT: Setting<Option<PathBuf>> = Setting::new(
     Spec::new(
         "tls_cert",
@@ -156,6 +166,7 @@ pub const SETTINGS: &[&Spec] = &[
     &FUTURE_SKEW.spec,
     &ID_HEADER.spec,
     &SOURCE.spec,
+    &SOURCES.spec,
     &TLS_CERT.spec,
     &TLS_KEY.spec,
 ];
@@ -163,8 +174,9 @@ pub const SETTINGS: &[&Spec] = &[
 /// How the public listener runs.
 #[derive(Debug, Clone)]
 pub struct IngressOptions {
-    /// Webhook secrets, tried in order; several at once during a rotation.
-    pub secrets: Vec<Secret>,
+    /// Who may post, and where: the default source (when a webhook secret is configured)
+    /// first, then the file's `[[sources]]`. At least one.
+    pub sources: Vec<Source>,
     pub listen: SocketAddr,
     pub max_body: usize,
     /// Bytes of request bodies held at once, across every connection.
@@ -173,10 +185,11 @@ pub struct IngressOptions {
     pub body_timeout: Duration,
     /// Open connections on the public listener at most (new ones wait in the backlog).
     pub max_connections: usize,
+    /// The default source's tolerance, and that of named sources that set none.
     pub tolerance: Duration,
     pub future_skew: Duration,
     pub id_header: Option<String>,
-    /// Value of the `x-source` header on published messages.
+    /// The default source's name: its `x-source` header on published messages.
     pub source: String,
     /// Certificate chain and private key (PEM) to serve the public listener over TLS.
     pub tls: Option<TlsFiles>,
@@ -199,17 +212,19 @@ impl IngressOptions {
                 .field(&MAX_INFLIGHT_BODY.spec)
                 .invalid(format!("a size of at least max_body ({max_body} bytes)")));
         }
+        let tolerance = values.get(&TOLERANCE)?;
+        let source = values.get(&SOURCE)?;
         Ok(Self {
-            secrets: secrets(values)?,
+            sources: sources(values, &source, tolerance)?,
             listen: values.get(&LISTEN)?,
             max_body,
             max_inflight_body,
             body_timeout: values.get(&BODY_TIMEOUT)?,
             max_connections: values.get(&MAX_CONNECTIONS)?,
-            tolerance: values.get(&TOLERANCE)?,
+            tolerance,
             future_skew: values.get(&FUTURE_SKEW)?,
             id_header: values.get(&ID_HEADER)?,
-            source: values.get(&SOURCE)?,
+            source,
             tls: tls(values)?,
         })
     }
@@ -229,7 +244,64 @@ fn tls(values: &Values) -> Result<Option<TlsFiles>, ConfigError> {
     }
 }
 
-/// The inline list first, then the file's lines; at least one.
+impl IngressOptions {
+    /// The longest tolerance of any source: the replay window dedup retention must cover.
+    pub fn max_tolerance(&self) -> Duration {
+        self.sources
+            .iter()
+            .map(|s| s.tolerance)
+            .max()
+            .unwrap_or(self.tolerance)
+    }
+
+    /// The source served at `/webhooks/kallina`, if any.
+    pub fn default_source(&self) -> Option<&Source> {
+        self.sources.iter().find(|s| s.segment() == DEFAULT_SEGMENT)
+    }
+
+    /// The source of this name (the default source by its `source` name).
+    pub fn source_named(&self, name: &str) -> Option<&Source> {
+        self.sources.iter().find(|s| s.name == name)
+    }
+}
+
+/// The default source when a webhook secret is configured, then the file's `[[sources]]`;
+/// at least one, and no two on one path or of one name.
+fn sources(values: &Values, name: &str, tolerance: Duration) -> Result<Vec<Source>, ConfigError> {
+    let field = values.field(&SOURCES.spec);
+    let named = match values.get(&SOURCES)? {
+        None => Vec::new(),
+        Some(tables) => named_sources(tables, tolerance).map_err(|e| field.file_error(e))?,
+    };
+    let secrets = secrets(values)?;
+    let mut all = Vec::with_capacity(named.len() + 1);
+    if !secrets.is_empty() {
+        all.push(Source {
+            name: name.to_string(),
+            secrets,
+            tolerance,
+            default: true,
+        });
+    } else if named.is_empty() {
+        return Err(ConfigError::MissingSecret);
+    }
+    for source in named {
+        if let Some(clash) = all
+            .iter()
+            .find(|s| s.name == source.name || s.segment() == source.segment())
+        {
+            return Err(field.file_error(format!(
+                "[[sources]]: `{}` clashes with the default source (`source` = `{}`, served at \
+                 /webhooks/{DEFAULT_SEGMENT}): rename one",
+                source.name, clash.name
+            )));
+        }
+        all.push(source);
+    }
+    Ok(all)
+}
+
+/// The default source's secrets: the inline list first, then the file's lines.
 fn secrets(values: &Values) -> Result<Vec<Secret>, ConfigError> {
     let mut secrets = values.get(&WEBHOOK_SECRET)?;
     if let Some(path) = values.get(&WEBHOOK_SECRET_FILE)? {
@@ -244,9 +316,6 @@ fn secrets(values: &Values) -> Result<Vec<Secret>, ConfigError> {
                 .filter(|s| !s.is_empty())
                 .map(Secret::new),
         );
-    }
-    if secrets.is_empty() {
-        return Err(ConfigError::MissingSecret);
     }
     Ok(secrets)
 }

@@ -7,11 +7,14 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::store::OutboxRecord;
+use crate::trace::TraceContext;
 
 const APP_ID: &str = "kallina-relay";
 
 /// Message properties as the outbound contract promises them.
-pub(super) fn properties(record: &OutboxRecord) -> BasicProperties {
+/// `span` is the publish span, when the record belongs to a trace: the message carries it as
+/// `traceparent` (and the caller's `tracestate`).
+pub(super) fn properties(record: &OutboxRecord, span: Option<&TraceContext>) -> BasicProperties {
     let received =
         OffsetDateTime::from_unix_timestamp_nanos(record.received_at_ms as i128 * 1_000_000)
             .unwrap_or(OffsetDateTime::UNIX_EPOCH);
@@ -27,6 +30,12 @@ pub(super) fn properties(record: &OutboxRecord) -> BasicProperties {
     header("x-source", &record.source);
     if let Some(id) = &record.delivery_id {
         header("x-delivery-id", id);
+    }
+    if let Some(span) = span {
+        header("traceparent", &span.traceparent());
+        if let Some(state) = &span.tracestate {
+            header("tracestate", state);
+        }
     }
     if record.redelivered {
         headers.insert("x-redelivered".into(), AMQPValue::Boolean(true));
@@ -57,8 +66,9 @@ mod tests {
             redelivered: false,
             attempts_before: 0,
             delivery_id: None,
+            trace: None,
         };
-        let p = properties(&record);
+        let p = properties(&record, None);
         assert_eq!(p.delivery_mode(), &Some(2));
         assert_eq!(p.message_id().as_ref().map(|s| s.as_str()), Some("k1"));
         assert_eq!(p.kind().as_ref().map(|s| s.as_str()), Some("call.ended"));

@@ -22,6 +22,7 @@
 mod connect;
 mod message;
 pub mod options;
+mod routing;
 mod session;
 mod status;
 mod tls;
@@ -39,12 +40,14 @@ use tokio::time::{sleep, timeout};
 
 pub use connect::{Brokers, Node};
 pub use options::RelayOptions;
+pub use routing::RoutingKey;
 pub use status::{BrokerState, BrokerStatus};
 pub use topology::{refused_with, QueueSpec, QueueType, Topology, TopologyError};
 
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::store::{OutboxEntry, Store, StoreError};
+use crate::telemetry::Spans;
 
 /// How long a nacked or returned message waits before it is published again.
 const RETRY_PAUSE_MIN: Duration = Duration::from_millis(500);
@@ -109,6 +112,8 @@ pub struct Relay {
     options: RelayOptions,
     metrics: Metrics,
     status: BrokerStatus,
+    /// Where publish spans go (nowhere unless OTLP is set).
+    spans: Spans,
     /// Publishes per outbox record so far (across sessions), until it is confirmed: the
     /// archive keeps the total for the admin API.
     attempts: Mutex<HashMap<u64, u32>>,
@@ -156,7 +161,16 @@ struct Retry {
 struct ConfirmOutcome {
     entry: OutboxEntry,
     published_at: Instant,
+    /// The publish span, when the record belongs to a trace: its context (the message's
+    /// `traceparent`), when it started, and the routing key.
+    span: Option<PublishSpan>,
     result: Result<Confirmation, SessionError>,
+}
+
+struct PublishSpan {
+    context: crate::trace::TraceContext,
+    start: std::time::SystemTime,
+    routing_key: String,
 }
 
 impl Relay {
@@ -165,12 +179,14 @@ impl Relay {
         options: RelayOptions,
         metrics: Metrics,
         status: BrokerStatus,
+        spans: Spans,
     ) -> Self {
         Self {
             store,
             options,
             metrics,
             status,
+            spans,
             attempts: Mutex::default(),
         }
     }

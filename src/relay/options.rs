@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::connect::{Brokers, Node};
+use super::routing::RoutingKey;
 use super::tls::{client_config, BrokerTlsFiles, TlsFileError};
 use super::topology::{QueueSpec, QueueType, Topology};
 use crate::config::{ConfigError, Setting, Spec, Values};
@@ -120,6 +121,17 @@ pub const UNROUTED_QUEUE_TYPE: Setting<QueueType> = Setting::new(
         _ => Err(f.invalid("`classic` or `quorum`")),
     },
 );
+pub const ROUTING_KEY: Setting<RoutingKey> = Setting::new(
+    Spec::new(
+        "routing_key",
+        "KALLINA_RELAY_ROUTING_KEY",
+        "routing key template: `{event}`, `{source}`, `{field}`, `{data.field}` and literal \
+         text, e.g. `{source}.{event}`; an unsafe or missing field value becomes `_`",
+    )
+    .default("{event}")
+    .flag(),
+    |f| RoutingKey::parse(f.non_empty()?).map_err(|why| f.invalid(why)),
+);
 pub const PUBLISH_WINDOW: Setting<usize> = Setting::new(
     Spec::new(
         "publish_window",
@@ -166,6 +178,7 @@ pub const SETTINGS: &[&Spec] = &[
     &EXCHANGE.spec,
     &UNROUTED_EXCHANGE.spec,
     &UNROUTED_QUEUE_TYPE.spec,
+    &ROUTING_KEY.spec,
     &PUBLISH_WINDOW.spec,
     &CONFIRM_TIMEOUT.spec,
     &QUEUES.spec,
@@ -177,6 +190,8 @@ pub struct RelayOptions {
     /// The broker's nodes and the TLS to reach them.
     pub brokers: Brokers,
     pub topology: Topology,
+    /// How each message's routing key is made.
+    pub routing_key: RoutingKey,
     pub window: usize,
     /// Limit for every network await: connect, declare, publish, confirm.
     pub confirm_timeout: Duration,
@@ -194,6 +209,7 @@ impl RelayOptions {
                 unrouted_queue_type: values.get(&UNROUTED_QUEUE_TYPE)?,
                 queues: values.get(&QUEUES)?,
             },
+            routing_key: values.get(&ROUTING_KEY)?,
             window: values.get(&PUBLISH_WINDOW)?,
             confirm_timeout: values.get(&CONFIRM_TIMEOUT)?,
             shutdown_grace,

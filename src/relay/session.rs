@@ -20,12 +20,15 @@ use tokio::time::timeout;
 use super::message::properties;
 use super::topology::refused_with;
 use super::{
-    backoff, classify, BrokerState, ConfirmOutcome, Course, PendingConfirm, Relay, Retry,
-    SessionError, DELETE_BATCH, READ_AHEAD, RETRY_PAUSE_MIN,
+    backoff, classify, BrokerState, ConfirmOutcome, Course, PendingConfirm, PublishSpan, Relay,
+    Retry, SessionError, DELETE_BATCH, READ_AHEAD, RETRY_PAUSE_MIN,
 };
 use crate::metrics::event_label;
 use crate::shutdown::Shutdown;
 use crate::store::{unix_millis, Confirmed, OutboxEntry, OutboxRead, Unreadable};
+use crate::telemetry::FinishedSpan;
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
 
 /// What a session has in flight and where it is in the outbox.
 struct Session {
@@ -262,17 +265,25 @@ impl Relay {
             .attempts_of()
             .entry(entry.seq)
             .or_insert(record.attempts_before) += 1;
+        let routing_key = self.options.routing_key.render(record);
+        // The publish span is a child of the receive span; its id is the message's
+        // `traceparent`, so a consumer's span becomes its child.
+        let span = record.trace.as_ref().map(|trace| PublishSpan {
+            context: trace.child(),
+            start: SystemTime::now(),
+            routing_key: routing_key.clone(),
+        });
         let confirm = timeout(
             limit,
             channel.basic_publish(
                 self.options.topology.exchange.as_str().into(),
-                record.event.as_str().into(),
+                routing_key.as_str().into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..Default::default()
                 },
                 &record.body,
-                properties(record),
+                properties(record, span.as_ref().map(|s| &s.context)),
             ),
         )
         .await
@@ -297,9 +308,50 @@ impl Relay {
             ConfirmOutcome {
                 entry,
                 published_at,
+                span,
                 result,
             }
         }))
+    }
+
+    fn export_publish_span(
+        &self,
+        record: &crate::store::OutboxRecord,
+        span: PublishSpan,
+        result: &Result<Confirmation, SessionError>,
+    ) {
+        if !self.spans.enabled() {
+            return;
+        }
+        let error = match result {
+            Ok(Confirmation::Ack(None)) => None,
+            Ok(Confirmation::Ack(Some(_))) => Some("returned by the broker".to_string()),
+            Ok(Confirmation::Nack(_)) => Some("nacked by the broker".to_string()),
+            Ok(Confirmation::NotRequested) => Some("no confirm".to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        self.spans.export(FinishedSpan {
+            name: "publish",
+            kind: SpanKind::Producer,
+            context: &span.context,
+            start: span.start,
+            end: SystemTime::now(),
+            attributes: vec![
+                KeyValue::new("messaging.system", "rabbitmq"),
+                KeyValue::new("messaging.operation.type", "publish"),
+                KeyValue::new(
+                    "messaging.destination.name",
+                    self.options.topology.exchange.clone(),
+                ),
+                KeyValue::new(
+                    "messaging.rabbitmq.destination.routing_key",
+                    span.routing_key,
+                ),
+                KeyValue::new("messaging.message.id", record.key.clone()),
+                KeyValue::new("kallina.source", record.source.clone()),
+            ],
+            error,
+        });
     }
 
     /// Books one confirm. Returns the record to publish again after a pause, if the broker
@@ -313,6 +365,7 @@ impl Relay {
         let ConfirmOutcome {
             entry,
             published_at,
+            span,
             result,
         } = outcome;
         let result = result.map_err(|e| match e {
@@ -322,6 +375,9 @@ impl Relay {
             other => other,
         });
         let record = &entry.record;
+        if let Some(span) = span {
+            self.export_publish_span(record, span, &result);
+        }
         let failure = match result? {
             Confirmation::Ack(None) => None,
             Confirmation::Ack(Some(_returned)) => Some("returned"),
@@ -344,7 +400,7 @@ impl Relay {
         m.publish_confirm_duration
             .observe(published_at.elapsed().as_secs_f64());
         m.published
-            .with_label_values(&[event_label(Some(&record.event))])
+            .with_label_values(&[&record.source, event_label(Some(&record.event))])
             .inc();
         let lag_ms = unix_millis(SystemTime::now()).saturating_sub(record.received_at_ms);
         m.delivery_lag.observe(lag_ms as f64 / 1000.0);

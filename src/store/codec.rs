@@ -247,6 +247,7 @@ mod tests {
             redelivered: false,
             attempts_before: 0,
             delivery_id: None,
+            trace: None,
         };
         let entry = encode_archived(7, 3, &record.encode());
         let archived = decode_archived(&entry).unwrap();

@@ -122,6 +122,8 @@ pub struct EventQuery {
     /// Receive time before (Unix ms).
     pub until_ms: Option<u64>,
     pub event: Option<String>,
+    /// The source's name (`x-source`).
+    pub source: Option<String>,
     pub status: Option<EventStatus>,
     pub limit: usize,
     /// Continue after this sequence number (the previous page's cursor).
@@ -133,6 +135,7 @@ impl EventQuery {
         self.since_ms.is_none_or(|s| record.received_at_ms >= s)
             && self.until_ms.is_none_or(|u| record.received_at_ms < u)
             && self.event.as_deref().is_none_or(|e| record.event == e)
+            && self.source.as_deref().is_none_or(|s| record.source == s)
     }
 }
 

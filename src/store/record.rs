@@ -3,11 +3,15 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::trace::TraceContext;
+
 /// Bumped when the layout changes, so that an unknown layout is refused, not misread. Versions 1
-/// (before redelivery) and 2 (before the delivery id) are still read.
-const FORMAT_VERSION: u8 = 3;
+/// (before redelivery), 2 (before the delivery id) and 3 (before the trace context) are still
+/// read.
+const FORMAT_VERSION: u8 = 4;
 const FORMAT_VERSION_1: u8 = 1;
 const FORMAT_VERSION_2: u8 = 2;
+const FORMAT_VERSION_3: u8 = 3;
 
 /// Prefix of a delivery id's dedup key, so that an id can never equal a body's hash.
 const DELIVERY_ID_PREFIX: &str = "id:";
@@ -37,6 +41,41 @@ pub struct OutboxRecord {
     /// a second dedup key (a request is a duplicate if either was seen), sent as
     /// `x-delivery-id`.
     pub delivery_id: Option<String>,
+    /// The trace the event belongs to and the relay's receive span in it; `None` for events
+    /// stored before trace context was kept (they are published without `traceparent`).
+    pub trace: Option<TraceContext>,
+}
+
+/// The version-3 layout: no trace context.
+#[derive(Deserialize)]
+struct OutboxRecordV3 {
+    key: String,
+    event: String,
+    signature: String,
+    received_at_ms: u64,
+    source: String,
+    #[serde(with = "serde_bytes")]
+    body: Vec<u8>,
+    redelivered: bool,
+    attempts_before: u32,
+    delivery_id: Option<String>,
+}
+
+impl From<OutboxRecordV3> for OutboxRecord {
+    fn from(v3: OutboxRecordV3) -> Self {
+        Self {
+            key: v3.key,
+            event: v3.event,
+            signature: v3.signature,
+            received_at_ms: v3.received_at_ms,
+            source: v3.source,
+            body: v3.body,
+            redelivered: v3.redelivered,
+            attempts_before: v3.attempts_before,
+            delivery_id: v3.delivery_id,
+            trace: None,
+        }
+    }
 }
 
 /// The version-2 layout: no delivery id (its key was the id when one was configured).
@@ -65,6 +104,7 @@ impl From<OutboxRecordV2> for OutboxRecord {
             redelivered: v2.redelivered,
             attempts_before: v2.attempts_before,
             delivery_id: None,
+            trace: None,
         }
     }
 }
@@ -93,6 +133,7 @@ impl From<OutboxRecordV1> for OutboxRecord {
             redelivered: false,
             attempts_before: 0,
             delivery_id: None,
+            trace: None,
         }
     }
 }
@@ -114,6 +155,9 @@ impl OutboxRecord {
             Some((&FORMAT_VERSION, rest)) => {
                 postcard::from_bytes(rest).map_err(|e| RecordError::Corrupt(e.to_string()))
             }
+            Some((&FORMAT_VERSION_3, rest)) => postcard::from_bytes::<OutboxRecordV3>(rest)
+                .map(Self::from)
+                .map_err(|e| RecordError::Corrupt(e.to_string())),
             Some((&FORMAT_VERSION_2, rest)) => postcard::from_bytes::<OutboxRecordV2>(rest)
                 .map(Self::from)
                 .map_err(|e| RecordError::Corrupt(e.to_string())),
@@ -128,12 +172,18 @@ impl OutboxRecord {
 
 /// The dedup keys of an event with this body hash and delivery id.
 pub fn dedup_keys(key: &str, delivery_id: Option<&str>) -> Vec<String> {
+    let namespace = key.split_once(':').map(|(source, _)| source);
     std::iter::once(key.to_string())
-        .chain(delivery_id.map(delivery_key))
+        .chain(delivery_id.map(|id| match namespace {
+            Some(source) => format!("{source}:{}", delivery_key(id)),
+            None => delivery_key(id),
+        }))
         .collect()
 }
 
-/// The dedup key a delivery id is stored under.
+/// The dedup key a delivery id of the default source is stored under. A named source's keys
+/// are `<source>:<sha256>` and `<source>:id:<value>` (see `ingress::sources`): source names
+/// hold no `:` and `id` is not one, so no two sources' keys can meet.
 pub fn delivery_key(delivery_id: &str) -> String {
     format!("{DELIVERY_ID_PREFIX}{delivery_id}")
 }
@@ -162,6 +212,7 @@ mod tests {
             redelivered: true,
             attempts_before: 3,
             delivery_id: Some("d-1".into()),
+            trace: None,
         };
         assert_eq!(OutboxRecord::decode(&record.encode()).unwrap(), record);
         assert_eq!(record.dedup_keys(), ["ab".repeat(32), "id:d-1".to_string()]);

@@ -32,6 +32,7 @@ fn record_of(key: &str, event: &str, received_at_ms: u64) -> OutboxRecord {
         redelivered: false,
         attempts_before: 0,
         delivery_id: None,
+        trace: None,
     }
 }
 #[tokio::test]

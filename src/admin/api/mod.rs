@@ -207,6 +207,7 @@ struct ListParams {
     since: Option<String>,
     until: Option<String>,
     event: Option<String>,
+    source: Option<String>,
     status: Option<String>,
     limit: Option<String>,
     cursor: Option<String>,
@@ -250,6 +251,7 @@ fn list_query(params: ListParams) -> Result<EventQuery, AdminError> {
             .map(|t| time_ms("until", t))
             .transpose()?,
         event: params.event.filter(|e| !e.is_empty()),
+        source: params.source.filter(|s| !s.is_empty()),
         status,
         limit,
         after,
@@ -296,6 +298,8 @@ struct RedriveRequest {
     #[serde(default)]
     event: Option<String>,
     #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
     dry_run: bool,
 }
 
@@ -307,6 +311,7 @@ async fn redrive(req: HttpRequest, admin: web::Data<Admin>, body: web::Bytes) ->
         since_ms: Some(json_time_ms("since", &request.since).for_request(&req)?),
         until_ms: Some(json_time_ms("until", &request.until).for_request(&req)?),
         event: request.event.filter(|e| !e.is_empty()),
+        source: request.source.filter(|s| !s.is_empty()),
         status: Some(EventStatus::Published),
         ..EventQuery::default()
     };
@@ -470,6 +475,7 @@ mod tests {
         let params = |limit: Option<&str>, status: Option<&str>| ListParams {
             since: None,
             until: None,
+            source: None,
             event: None,
             status: status.map(str::to_string),
             limit: limit.map(str::to_string),

@@ -82,6 +82,9 @@ pub struct ListArgs {
     /// Only this event type (exact).
     #[arg(long)]
     pub event: Option<String>,
+    /// Only events from this source (its name, as in `x-source`).
+    #[arg(long)]
+    pub source: Option<String>,
     /// Only events in this state.
     #[arg(long, value_enum)]
     pub status: Option<Status>,
@@ -129,6 +132,9 @@ pub struct RedriveArgs {
     /// Only this event type (exact).
     #[arg(long)]
     pub event: Option<String>,
+    /// Only events from this source.
+    #[arg(long)]
+    pub source: Option<String>,
     /// Count the matching events, publish nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -190,6 +196,7 @@ async fn list(admin: &AdminClient, args: &ListArgs) -> Result<(), Failure> {
         ("since", args.since.clone()),
         ("until", args.until.clone()),
         ("event", args.event.clone()),
+        ("source", args.source.clone()),
         (
             "status",
             args.status.map(|s| {
@@ -281,6 +288,7 @@ async fn show(admin: &AdminClient, args: &ShowArgs) -> Result<(), Failure> {
     for (label, value) in [
         ("id", s.id.clone()),
         ("event", s.event.clone()),
+        ("source", s.source.clone()),
         ("status", s.status.clone()),
         ("received", s.received.clone()),
         (
@@ -329,6 +337,9 @@ async fn redrive(admin: &AdminClient, args: &RedriveArgs) -> Result<(), Failure>
     });
     if let Some(event) = &args.event {
         body["event"] = json!(event);
+    }
+    if let Some(source) = &args.source {
+        body["source"] = json!(source);
     }
     let answer: RedriveStarted = admin.post(&["admin", "redrive"], Some(body)).await?;
     let matched = answer.matched as u64;

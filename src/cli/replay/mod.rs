@@ -49,6 +49,10 @@ pub struct ReplayArgs {
     /// Secret to sign with [default: the first configured webhook secret]
     #[arg(long, env = "KALLINA_WEBHOOK_SECRET", hide_env_values = true)]
     pub secret: Option<String>,
+    /// Post as this configured source: to its path, signed with its first secret from the
+    /// settings (`--secret` and KALLINA_WEBHOOK_SECRET, the default source's, are not used)
+    #[arg(long, value_name = "NAME")]
+    pub source: Option<String>,
     /// Rewrite each envelope's `timestamp` to now (RFC 3339) before signing, every other byte
     /// left as it is; captured events are otherwise refused as too old.
     #[arg(long)]
@@ -218,6 +222,9 @@ async fn send_all(
 
 /// The endpoint and the secret: flags first, then the settings of the service on this host.
 fn target(args: &ReplayArgs, global: &ServeArgs) -> Result<(String, String), Failure> {
+    if let Some(name) = &args.source {
+        return source_target(args, global, name);
+    }
     // The environment may hold a rotation list; the platform signs with the first (newest).
     let secret = args
         .secret
@@ -234,30 +241,65 @@ fn target(args: &ReplayArgs, global: &ServeArgs) -> Result<(String, String), Fai
     };
     let url = match (&args.url, &settings) {
         (Some(url), _) => url.clone(),
-        (None, Some(settings)) => {
-            let scheme = if settings.ingress.tls.is_some() {
-                "https"
-            } else {
-                "http"
-            };
-            format!(
-                "{scheme}://{}{WEBHOOK_PATH}",
-                connectable(settings.ingress.listen)
-            )
-        }
+        (None, Some(settings)) => local_url(settings, WEBHOOK_PATH),
         (None, None) => unreachable!("settings are loaded when --url is absent"),
     };
-    match reqwest::Url::parse(&url) {
-        Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => {}
-        Ok(_) => return Err(Failure::Usage(format!("--url {url}: not an http(s) URL"))),
-        Err(e) => return Err(Failure::Usage(format!("--url {url}: {e}"))),
-    }
-    let secret = match (secret, &settings) {
-        (Some(secret), _) => secret.to_string(),
-        (None, Some(settings)) => settings.ingress.secrets[0].expose().to_string(),
-        (None, None) => unreachable!("settings are loaded when --secret is absent"),
-    };
+    check_url(&url)?;
+    let secret =
+        match (secret, &settings) {
+            (Some(secret), _) => secret.to_string(),
+            (None, Some(settings)) => match settings.ingress.default_source() {
+                Some(source) => source.secrets[0].expose().to_string(),
+                None => return Err(Failure::Usage(
+                    "no webhook secret for /webhooks/kallina in the settings: pass --source NAME \
+                     for one of the [[sources]], or --secret"
+                        .into(),
+                )),
+            },
+            (None, None) => unreachable!("settings are loaded when --secret is absent"),
+        };
     Ok((url, secret))
+}
+
+/// `--source NAME`: that source's path on this host (or `--url`), and its first secret.
+fn source_target(
+    args: &ReplayArgs,
+    global: &ServeArgs,
+    name: &str,
+) -> Result<(String, String), Failure> {
+    let settings = client_settings(global, false)?;
+    let ingress = &settings.ingress;
+    let Some(source) = ingress.source_named(name) else {
+        let names: Vec<&str> = ingress.sources.iter().map(|s| s.name.as_str()).collect();
+        return Err(Failure::Usage(format!(
+            "--source {name}: no such source in the settings (configured: {})",
+            names.join(", ")
+        )));
+    };
+    let url = match &args.url {
+        Some(url) => url.clone(),
+        None => local_url(&settings, &source.path()),
+    };
+    check_url(&url)?;
+    Ok((url, source.secrets[0].expose().to_string()))
+}
+
+/// `path` on the public listener of the service on this host.
+fn local_url(settings: &crate::settings::Settings, path: &str) -> String {
+    let scheme = if settings.ingress.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://{}{path}", connectable(settings.ingress.listen))
+}
+
+fn check_url(url: &str) -> Result<(), Failure> {
+    match reqwest::Url::parse(url) {
+        Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => Ok(()),
+        Ok(_) => Err(Failure::Usage(format!("--url {url}: not an http(s) URL"))),
+        Err(e) => Err(Failure::Usage(format!("--url {url}: {e}"))),
+    }
 }
 
 /// How one request ended.

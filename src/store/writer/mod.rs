@@ -73,7 +73,7 @@ pub enum Shelf {
 /// A message to the writer thread.
 enum Job {
     Accept {
-        record: OutboxRecord,
+        record: Box<OutboxRecord>,
         reply: oneshot::Sender<Result<Stored, StoreError>>,
     },
     /// Put archived or quarantined events back into the outbox (redeliver, redrive).
@@ -122,7 +122,11 @@ impl Writer {
     /// Stores `record` under its dedup key, once, and returns when that is durable.
     pub async fn accept(&self, record: OutboxRecord) -> Result<Stored, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Job::Accept { record, reply }).await?;
+        self.send(Job::Accept {
+            record: Box::new(record),
+            reply,
+        })
+        .await?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -186,7 +190,7 @@ fn run(slot: Arc<Slot>, mut jobs: mpsc::Receiver<Job>) {
         loop {
             match next {
                 None | Some(Job::Stop) => stop = true,
-                Some(Job::Accept { record, reply }) => batch.push((record, reply)),
+                Some(Job::Accept { record, reply }) => batch.push((*record, reply)),
                 Some(Job::Redeliver { seqs, from, reply }) => {
                     redeliveries.push((seqs, from, reply))
                 }
