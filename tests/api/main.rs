@@ -15,5 +15,6 @@ mod hostile;
 mod own_broker;
 mod relay;
 mod replicas;
+mod sources;
 mod tls;
 mod webhook;

@@ -94,7 +94,9 @@ async fn every_fixture_arrives_with_its_exact_body_routing_key_and_properties() 
     }
     let metrics = app.metrics().await;
     assert!(
-        metrics.contains(r#"kallina_relay_published_total{event="call.ended"} 1"#),
+        metrics.contains(
+            r#"kallina_relay_published_total{event="call.ended",source="relay-under-test"} 1"#
+        ),
         "{metrics}"
     );
     assert!(

@@ -55,16 +55,18 @@ async fn a_new_event_is_accepted_and_a_resend_is_a_duplicate() {
     let metrics = app.metrics().await;
     assert!(
         metrics
-            .contains(r#"kallina_relay_webhooks_total{event="call.ended",outcome="accepted"} 1"#),
+            .contains(r#"kallina_relay_webhooks_total{event="call.ended",outcome="accepted",source="kallina-relay"} 1"#),
         "{metrics}"
     );
     assert!(
         metrics
-            .contains(r#"kallina_relay_webhooks_total{event="call.ended",outcome="duplicate"} 1"#),
+            .contains(r#"kallina_relay_webhooks_total{event="call.ended",outcome="duplicate",source="kallina-relay"} 1"#),
         "{metrics}"
     );
     assert!(
-        metrics.contains(r#"kallina_relay_signature_matches_total{secret="0"} 2"#),
+        metrics.contains(
+            r#"kallina_relay_signature_matches_total{secret="0",source="kallina-relay"} 2"#
+        ),
         "{metrics}"
     );
     app.stop().await;
@@ -85,11 +87,11 @@ async fn every_fixture_event_is_accepted_including_unknown_types() {
     }
     let metrics = app.metrics().await;
     assert!(
-        metrics.contains(r#"kallina_relay_webhooks_total{event="other",outcome="accepted"} 1"#),
+        metrics.contains(r#"kallina_relay_webhooks_total{event="other",outcome="accepted",source="kallina-relay"} 1"#),
         "{metrics}"
     );
     assert!(metrics.contains(
-        r#"kallina_relay_webhooks_total{event="conversation.updated",outcome="accepted"} 1"#
+        r#"kallina_relay_webhooks_total{event="conversation.updated",outcome="accepted",source="kallina-relay"} 1"#
     ));
     app.stop().await;
 }
@@ -246,7 +248,7 @@ async fn each_hostile_fixture_gets_invalid_payload_naming_the_field() {
     assert_eq!(app.outbox_depth().await, 0);
     let metrics = app.metrics().await;
     let line = format!(
-        "kallina_relay_webhooks_total{{event=\"none\",outcome=\"invalid_payload\"}} {}",
+        "kallina_relay_webhooks_total{{event=\"none\",outcome=\"invalid_payload\",source=\"kallina-relay\"}} {}",
         expectations.len()
     );
     assert!(metrics.contains(&line), "{metrics}");
@@ -380,11 +382,15 @@ async fn during_a_rotation_both_secrets_verify_and_the_metric_shows_which() {
     );
     let metrics = app.metrics().await;
     assert!(
-        metrics.contains(r#"kallina_relay_signature_matches_total{secret="0"} 1"#),
+        metrics.contains(
+            r#"kallina_relay_signature_matches_total{secret="0",source="kallina-relay"} 1"#
+        ),
         "{metrics}"
     );
     assert!(
-        metrics.contains(r#"kallina_relay_signature_matches_total{secret="1"} 1"#),
+        metrics.contains(
+            r#"kallina_relay_signature_matches_total{secret="1",source="kallina-relay"} 1"#
+        ),
         "{metrics}"
     );
     app.stop().await;
@@ -734,6 +740,13 @@ async fn no_secret_token_or_amqp_password_reaches_the_logs_of_a_full_run() {
         logs.contains("relay session ended"),
         "the broker failure was logged"
     );
+    // A request's lines carry its trace id (and both broker nodes were tried).
+    let refused = logs
+        .lines()
+        .find(|l| l.contains("webhook refused"))
+        .expect("the refused signature was logged");
+    assert!(refused.contains("\"trace_id\""), "{refused}");
+    assert!(logs.contains("\"next_node\":2"), "the second node was tried");
     for secret in [
         webhook_secret,
         "older_secret_never_logged",
