@@ -251,6 +251,7 @@ fn table(events: &[EventSummary]) -> Table {
     table.load_preset(presets::NOTHING).set_header([
         "ID",
         "EVENT",
+        "SOURCE",
         "STATUS",
         "RECEIVED",
         "PUBLISHED",
@@ -262,6 +263,7 @@ fn table(events: &[EventSummary]) -> Table {
         table.add_row([
             event.id.clone(),
             event.event.clone(),
+            event.source.clone(),
             event.status.clone(),
             event.received.clone(),
             event.published.clone().unwrap_or_else(|| "-".into()),
@@ -270,7 +272,7 @@ fn table(events: &[EventSummary]) -> Table {
             event.size_bytes.to_string(),
         ]);
     }
-    for column in [5, 7] {
+    for column in [6, 8] {
         if let Some(column) = table.column_mut(column) {
             column.set_cell_alignment(CellAlignment::Right);
         }
