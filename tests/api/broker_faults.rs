@@ -197,16 +197,7 @@ async fn a_record_the_broker_refuses_for_good_is_quarantined_and_the_rest_publis
         small.keys().collect::<Vec<_>>(),
         "the events around the refused one are published, and it is not"
     );
-    let list: serde_json::Value = app
-        .client
-        .get(format!("{}/admin/quarantine", app.admin_address))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = app.admin_json("/admin/quarantine", token).await;
     let events = list["events"].as_array().unwrap();
     assert_eq!(events.len(), 1, "{list}");
     assert_eq!(events[0]["id"], sha256_hex(bodies[1].as_bytes()).as_str());

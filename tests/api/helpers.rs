@@ -216,6 +216,19 @@ impl TestApp {
         request.body(body).send().await.expect("request sent")
     }
 
+    /// `GET` on the admin listener with the bearer token: the JSON answer.
+    pub async fn admin_json(&self, path: &str, token: &str) -> Value {
+        self.client
+            .get(format!("{}{path}", self.admin_address))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     pub async fn readyz(&self) -> (u16, Value) {
         readyz_at(&self.client, &self.admin_address).await
     }

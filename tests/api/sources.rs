@@ -124,16 +124,7 @@ async fn each_source_has_its_own_path_secrets_and_events() {
     ] {
         assert!(metrics.contains(line), "{line} in\n{metrics}");
     }
-    let listed: Value = app
-        .client
-        .get(format!("{}/admin/events?source=staging", app.admin_address))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = app.admin_json("/admin/events?source=staging", TOKEN).await;
     let ids: Vec<&str> = listed["events"]
         .as_array()
         .unwrap()

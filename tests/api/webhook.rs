@@ -746,7 +746,10 @@ async fn no_secret_token_or_amqp_password_reaches_the_logs_of_a_full_run() {
         .find(|l| l.contains("webhook refused"))
         .expect("the refused signature was logged");
     assert!(refused.contains("\"trace_id\""), "{refused}");
-    assert!(logs.contains("\"next_node\":2"), "the second node was tried");
+    assert!(
+        logs.contains("\"next_node\":2"),
+        "the second node was tried"
+    );
     for secret in [
         webhook_secret,
         "older_secret_never_logged",
