@@ -27,6 +27,7 @@ use crate::http::assign_request_id;
 use crate::ingress::{self, Ingress};
 use crate::metrics::Metrics;
 use crate::relay::{BrokerStatus, Relay};
+use crate::admin::Publishing;
 use crate::settings::Settings;
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 use crate::store::Store;
@@ -111,6 +112,10 @@ impl Application {
             shutdown: shutdown.clone(),
             tasks: admin_tasks.clone(),
             options: settings.admin.clone(),
+            publishing: Publishing {
+                exchange: settings.relay.topology.exchange.clone(),
+                routing_key: settings.relay.routing_key.clone(),
+            },
         });
         let admin = HttpServer::new(move || {
             App::new()

@@ -21,6 +21,7 @@ use time::OffsetDateTime;
 use tokio::time::timeout;
 
 use super::{client_settings, Failure, ServeArgs};
+use crate::admin::contract::about;
 use crate::relay::{refused_with, Brokers};
 
 #[derive(Debug, Args)]
@@ -281,13 +282,6 @@ fn line(delivery: &Delivery) -> String {
 }
 
 /// What the event is about, from the fields every event type of the platform carries.
-fn about(body: &[u8]) -> Option<String> {
-    let value: Value = serde_json::from_slice(body).ok()?;
-    let data = value.get("data")?;
-    ["call_id", "conversation_id", "agent_id"]
-        .iter()
-        .find_map(|key| Some(format!("{key}={}", data.get(*key)?.as_str()?)))
-}
 
 /// The body on one line: whitespace outside strings dropped, every other byte as received
 /// (key order, escapes, numbers), so it is the same JSON, and pretty-printed payloads do not
