@@ -89,10 +89,15 @@ enum SessionError {
 }
 
 impl SessionError {
-    /// The node itself failed (its connection, or its confirms): another node may do better.
-    /// A refusal, a topology clash or an outbox error would follow the relay to any node.
+    /// The node itself failed (its connection, its confirms, or an answer to a declaration
+    /// that never came, as from a node whose quorum queues have lost their leader): another
+    /// node may do better. A refusal, a topology clash or an outbox error would follow the
+    /// relay to any node.
     fn is_node_failure(&self) -> bool {
-        matches!(self, Self::Connection(_) | Self::Timeout(_))
+        matches!(
+            self,
+            Self::Connection(_) | Self::Timeout(_) | Self::Topology(TopologyError::Timeout { .. })
+        )
     }
 
     /// The `reason` label of `kallina_relay_publish_errors_total`.

@@ -252,10 +252,21 @@ impl TestApp {
 
     /// Waits until the relay has had every stored event confirmed.
     pub async fn wait_outbox_empty(&self) {
-        wait_until(Duration::from_secs(60), "the outbox to drain", || async {
-            self.outbox_depth().await == 0
-        })
-        .await;
+        self.wait_outbox_empty_within(Duration::from_secs(60)).await;
+    }
+
+    /// Waits for the outbox to drain; on timeout the panic shows what `/readyz` said.
+    pub async fn wait_outbox_empty_within(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.outbox_depth().await != 0 {
+            if Instant::now() >= deadline {
+                panic!(
+                    "timed out after {limit:?} waiting for the outbox to drain: {}",
+                    self.readyz().await.1
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub async fn wait_broker_connected(&self) {
