@@ -505,6 +505,8 @@ mod tests {
             status: status.map(str::to_string),
             limit: limit.map(str::to_string),
             cursor: None,
+            order: None,
+            q: None,
         };
         assert_eq!(list_query(params(None, None)).unwrap().limit, DEFAULT_LIMIT);
         assert!(list_query(params(Some("0"), None)).is_err());
