@@ -28,3 +28,7 @@ fi
 # tests/api/consumers.rs runs the Python example consumer.
 python3 -c 'import pika' 2>/dev/null || python3 -m pip install --quiet -r examples/consumers/python/requirements.txt
 cargo test --locked "$@"
+# The cluster test starts three RabbitMQ nodes of its own: it runs alone, once the rest is done.
+if [ "$#" -eq 0 ]; then
+    cargo test --locked --test api -- --ignored cluster::
+fi

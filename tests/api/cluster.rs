@@ -68,7 +68,11 @@ fn steady_load(app: &TestApp) -> (Arc<AtomicBool>, tokio::task::JoinHandle<Vec<S
     (stop, task)
 }
 
+// Run alone, after the rest of the suite (scripts/test.sh): with the other tests beside them,
+// three RabbitMQ nodes on two cores fall behind on their own quorum elections, and the queue
+// nacks every publish for minutes (seen in CI: the events wait, safe, in the outbox).
 #[tokio::test]
+#[ignore = "run alone by scripts/test.sh: a three-node cluster needs the cores to itself"]
 async fn the_relay_moves_between_cluster_nodes_and_every_accepted_event_arrives() {
     let mut cluster = OwnCluster::start(3).await;
     let queue = random_name("test.cluster");
