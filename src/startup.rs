@@ -22,12 +22,12 @@ use anyhow::Context;
 use tokio::task::JoinSet;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::Publishing;
 use crate::admin::{self, Admin};
 use crate::http::assign_request_id;
 use crate::ingress::{self, Ingress};
 use crate::metrics::Metrics;
 use crate::relay::{BrokerStatus, Relay};
-use crate::admin::Publishing;
 use crate::settings::Settings;
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 use crate::store::Store;

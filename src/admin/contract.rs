@@ -87,12 +87,10 @@ impl EventDetail {
         let record = &view.record;
         let body = &record.body;
         let received = rfc3339_ms(record.received_at_ms);
-        let mut timeline = vec![
-            Step {
-                at: received.clone(),
-                what: "received; stored durably before the 2xx answer".into(),
-            },
-        ];
+        let mut timeline = vec![Step {
+            at: received.clone(),
+            what: "received; stored durably before the 2xx answer".into(),
+        }];
         if record.redelivered {
             timeline.push(Step {
                 at: received,
@@ -105,11 +103,17 @@ impl EventDetail {
         match view.published_at_ms {
             Some(at) => timeline.push(Step {
                 at: rfc3339_ms(at),
-                what: format!("published: confirmed by the broker after {} attempt(s)", view.attempts),
+                what: format!(
+                    "published: confirmed by the broker after {} attempt(s)",
+                    view.attempts
+                ),
             }),
             None => timeline.push(Step {
                 at: rfc3339_ms(crate::store::unix_millis(std::time::SystemTime::now())),
-                what: format!("waiting in the outbox ({} attempt(s) so far)", view.attempts),
+                what: format!(
+                    "waiting in the outbox ({} attempt(s) so far)",
+                    view.attempts
+                ),
             }),
         }
         // A named source's keys carry its name (`<source>:<sha256>`).

@@ -15,7 +15,6 @@ use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions}
 use lapin::protocol::AMQPSoftError;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties, Consumer};
-use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::time::timeout;
@@ -271,17 +270,16 @@ fn line(delivery: &Delivery) -> String {
         .map(|id| id.as_str())
         .unwrap_or("-");
     let mut text = format!("{time}  {}  {id}", delivery.routing_key.as_str());
+    // One field only: the line's columns are split on whitespace.
     if let Some(about) = about(&delivery.data) {
         text.push_str("  ");
-        text.push_str(&about);
+        text.push_str(about.split(' ').next().unwrap_or_default());
     }
     if header("x-redelivered") == Some(&AMQPValue::Boolean(true)) {
         text.push_str("  (redelivered)");
     }
     text
 }
-
-/// What the event is about, from the fields every event type of the platform carries.
 
 /// The body on one line: whitespace outside strings dropped, every other byte as received
 /// (key order, escapes, numbers), so it is the same JSON, and pretty-printed payloads do not
@@ -336,7 +334,7 @@ mod tests {
             one_line(br#"{"a": "x \" y\\", "b": [1, 2]}"#),
             r#"{"a":"x \" y\\","b":[1,2]}"#
         );
-        let (a, b): (Value, Value) = (
+        let (a, b): (serde_json::Value, serde_json::Value) = (
             serde_json::from_slice(body).unwrap(),
             serde_json::from_str(&line).unwrap(),
         );

@@ -143,7 +143,10 @@ impl EventQuery {
             && self.until_ms.is_none_or(|u| record.received_at_ms < u)
             && self.event.as_deref().is_none_or(|e| record.event == e)
             && self.source.as_deref().is_none_or(|s| record.source == s)
-            && self.text.as_deref().is_none_or(|t| contains(&record.body, t.as_bytes()))
+            && self
+                .text
+                .as_deref()
+                .is_none_or(|t| contains(&record.body, t.as_bytes()))
     }
 }
 
@@ -274,14 +277,15 @@ pub fn event_at(database: &Database, seq: u64) -> Result<Option<EventView>, Stor
 /// come back short with a cursor to go on from. The cursor is a sequence number, so paging
 /// stays right while events arrive: newer ones get higher numbers.
 pub fn list_events(database: &Database, query: &EventQuery) -> Result<EventPage, StoreError> {
-    type Records<'a> = std::iter::Peekable<Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + 'a>>;
+    type Records<'a> =
+        std::iter::Peekable<Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + 'a>>;
     let want = |status| query.status.is_none_or(|s| s == status);
     let range = |tree: &sled::Tree, wanted: bool| -> Records<'_> {
         let records: Box<dyn Iterator<Item = _>> = match (wanted, query.newest_first) {
             (false, _) => Box::new(std::iter::empty()),
-            (true, false) => Box::new(
-                tree.range(seq_key(query.after.map_or(0, |a| a.saturating_add(1)))..),
-            ),
+            (true, false) => {
+                Box::new(tree.range(seq_key(query.after.map_or(0, |a| a.saturating_add(1)))..))
+            }
             (true, true) => match query.before {
                 Some(before) => Box::new(tree.range(..seq_key(before)).rev()),
                 None => Box::new(tree.iter().rev()),

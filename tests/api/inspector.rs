@@ -40,9 +40,15 @@ impl Browser {
             .stderr(Stdio::null())
             .spawn()
             .expect("chromedriver starts");
-        wait_until(Duration::from_secs(30), "chromedriver to listen", || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
-        })
+        wait_until(
+            Duration::from_secs(30),
+            "chromedriver to listen",
+            || async {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+            },
+        )
         .await;
         let profile = tempfile::tempdir().unwrap();
         let mut capabilities = serde_json::Map::new();
@@ -164,7 +170,10 @@ async fn the_inspector_shows_filters_redelivers_and_redrives_and_runs_nothing_fr
     )
     .await;
     let mut ids = Vec::new();
-    for (i, event) in ["call.ended", "call.ended", "call.started"].iter().enumerate() {
+    for (i, event) in ["call.ended", "call.ended", "call.started"]
+        .iter()
+        .enumerate()
+    {
         let body = body_with(event, &format!("inspect-{i}"), "hello");
         assert_eq!(app.post_signed(body.clone()).await.status(), 202);
         ids.push(sha256_hex(body.as_bytes()));
@@ -183,8 +192,14 @@ async fn the_inspector_shows_filters_redelivers_and_redrives_and_runs_nothing_fr
         .await
         .unwrap();
     assert_eq!(page.status(), 200);
-    let csp = page.headers()["content-security-policy"].to_str().unwrap().to_string();
-    assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"), "{csp}");
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+        "{csp}"
+    );
     assert_eq!(page.headers()["x-frame-options"], "DENY");
     assert_eq!(page.headers()["x-content-type-options"], "nosniff");
     assert!(page.headers().get("set-cookie").is_none());
@@ -215,29 +230,50 @@ async fn the_inspector_shows_filters_redelivers_and_redrives_and_runs_nothing_fr
     let token_kept = browser
         .script("return [document.cookie, localStorage.length, sessionStorage.length]")
         .await;
-    assert_eq!(token_kept, json!(["", 0, 1]), "the token lives in sessionStorage only");
+    assert_eq!(
+        token_kept,
+        json!(["", 0, 1]),
+        "the token lives in sessionStorage only"
+    );
 
     // Filter by type.
-    browser.fill("#filters input[name=event]", "call.started").await;
+    browser
+        .fill("#filters input[name=event]", "call.started")
+        .await;
     browser.click("#filters button[type=submit]").await;
     browser
-        .wait_text("#list-status", "the filtered list", |t| t.contains("1 shown"))
+        .wait_text("#list-status", "the filtered list", |t| {
+            t.contains("1 shown")
+        })
         .await;
     let filtered = browser.text("#event-table tbody").await;
-    assert!(filtered.contains(&ids[2]) && !filtered.contains(&ids[0]), "{filtered}");
+    assert!(
+        filtered.contains(&ids[2]) && !filtered.contains(&ids[0]),
+        "{filtered}"
+    );
 
     // Open it and redeliver it, with the confirmation step.
     browser.click("#event-table tbody tr").await;
     browser
-        .wait_text("#detail-title", "the event's detail", |t| t.contains(&ids[2]))
+        .wait_text("#detail-title", "the event's detail", |t| {
+            t.contains(&ids[2])
+        })
         .await;
     let publish = browser.text("#publish").await;
-    assert!(publish.contains("\"routing_key\": \"call.started\""), "{publish}");
-    assert!(browser.text("#reproduce").await.contains("kallina-relay replay"));
+    assert!(
+        publish.contains("\"routing_key\": \"call.started\""),
+        "{publish}"
+    );
+    assert!(browser
+        .text("#reproduce")
+        .await
+        .contains("kallina-relay replay"));
     browser.click("#redeliver").await;
     browser.click("#redeliver-yes").await;
     browser
-        .wait_text("#redeliver-result", "the redelivery", |t| t.contains("outbox"))
+        .wait_text("#redeliver-result", "the redelivery", |t| {
+            t.contains("outbox")
+        })
         .await;
     app.wait_outbox_empty().await;
     let copies = drain_queue(&connection, &queue).await;
@@ -257,10 +293,15 @@ async fn the_inspector_shows_filters_redelivers_and_redrives_and_runs_nothing_fr
         .await;
     browser.click("#redrive-form button[type=submit]").await;
     let counted = browser
-        .wait_text("#redrive-count", "the dry-run count", |t| t.contains("match"))
+        .wait_text("#redrive-count", "the dry-run count", |t| {
+            t.contains("match")
+        })
         .await;
     assert!(counted.starts_with("4 published events match"), "{counted}");
-    assert!(drain_queue(&connection, &queue).await.is_empty(), "a dry run publishes nothing");
+    assert!(
+        drain_queue(&connection, &queue).await.is_empty(),
+        "a dry run publishes nothing"
+    );
 
     // The hostile body is shown as text and runs nothing.
     browser.click("#tabs button[data-tab=events]").await;
@@ -268,7 +309,9 @@ async fn the_inspector_shows_filters_redelivers_and_redrives_and_runs_nothing_fr
     browser.fill("#filters input[name=id]", &hostile_id).await;
     browser.click("#filters button[type=submit]").await;
     browser
-        .wait_text("#event-table tbody", "the hostile event", |t| t.contains(&hostile_id))
+        .wait_text("#event-table tbody", "the hostile event", |t| {
+            t.contains(&hostile_id)
+        })
         .await;
     browser.click("#event-table tbody tr").await;
     let shown = browser
@@ -280,10 +323,30 @@ async fn the_inspector_shows_filters_redelivers_and_redrives_and_runs_nothing_fr
     let pwned = browser
         .script("return [typeof window.__pwned, document.querySelectorAll('#body img, #body script').length]")
         .await;
-    assert_eq!(pwned, json!(["undefined", 0]), "the body's markup ran or was parsed");
+    assert_eq!(
+        pwned,
+        json!(["undefined", 0]),
+        "the body's markup ran or was parsed"
+    );
 
-    // The README's picture: the list, newest first.
-    browser.click("#back").await;
+    // The overview reads the broker and the store from /readyz and /metrics.
+    browser.click("#tabs button[data-tab=overview]").await;
+    browser
+        .wait_text("#ov-broker", "the broker's state", |t| {
+            t.contains("connected")
+        })
+        .await;
+    assert_eq!(browser.text("#ov-store").await, "writable");
+
+    // The README's picture: the whole list, newest first.
+    browser.click("#tabs button[data-tab=events]").await;
+    browser.fill("#filters input[name=id]", "").await;
+    browser.click("#filters button[type=submit]").await;
+    browser
+        .wait_text("#event-table tbody", "every event again", |t| {
+            t.contains(&hostile_id) && t.contains(ids[0].as_str())
+        })
+        .await;
     let png = browser.client.screenshot().await.unwrap();
     let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("inspector.png");
     std::fs::write(&path, &png).unwrap();
@@ -310,5 +373,49 @@ async fn without_a_token_the_inspector_is_not_there() {
             .unwrap();
         assert_eq!(response.status(), 404, "{path}");
     }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_list_pages_newest_first_and_searches_bodies() {
+    let app = spawn_app(Config::default().set("KALLINA_RELAY_ADMIN_TOKEN", TOKEN)).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let body = body_with(
+            "call.ended",
+            &format!("page-{i}"),
+            &format!("said marker-{i}"),
+        );
+        assert_eq!(app.post_signed(body.clone()).await.status(), 202);
+        ids.push(sha256_hex(body.as_bytes()));
+    }
+    let page = app
+        .admin_json("/admin/events?order=desc&limit=2", TOKEN)
+        .await;
+    let listed: Vec<&str> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, vec![ids[2].as_str(), ids[1].as_str()]);
+    let cursor = page["next_cursor"].as_str().unwrap();
+    let rest = app
+        .admin_json(&format!("/admin/events?order=desc&cursor={cursor}"), TOKEN)
+        .await;
+    assert_eq!(rest["events"].as_array().unwrap().len(), 1);
+    assert_eq!(rest["events"][0]["id"], ids[0].as_str());
+    assert_eq!(rest["next_cursor"], Value::Null);
+    let found = app.admin_json("/admin/events?q=marker-1", TOKEN).await;
+    assert_eq!(found["events"].as_array().unwrap().len(), 1);
+    assert_eq!(found["events"][0]["id"], ids[1].as_str());
+    assert_eq!(
+        found["events"][0]["about"],
+        "call_id=call_page-1 agent_id=agent_456"
+    );
+    let refused = app
+        .admin_json(&format!("/admin/events?q={}", "x".repeat(201)), TOKEN)
+        .await;
+    assert_eq!(refused["error"]["code"], "invalid_query");
     app.stop().await;
 }
