@@ -15,6 +15,16 @@ fi
 # tests/api/replicas.rs runs relays behind the shipped nginx config (nginx from Debian's package).
 KALLINA_TEST_NGINX=$(scripts/ensure-nginx.sh)
 export KALLINA_TEST_NGINX
+# tests/api/inspector.rs drives Debian's headless Chromium through chromedriver.
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "test: installing chromium and chromium-driver with apt-get"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+    else
+        echo "chromium is missing: install it (as root: apt-get install chromium chromium-driver)" >&2
+        exit 1
+    fi
+fi
 # tests/api/consumers.rs runs the Python example consumer.
 python3 -c 'import pika' 2>/dev/null || python3 -m pip install --quiet -r examples/consumers/python/requirements.txt
 cargo test --locked "$@"

@@ -22,6 +22,7 @@ use anyhow::Context;
 use tokio::task::JoinSet;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::Publishing;
 use crate::admin::{self, Admin};
 use crate::http::assign_request_id;
 use crate::ingress::{self, Ingress};
@@ -111,6 +112,10 @@ impl Application {
             shutdown: shutdown.clone(),
             tasks: admin_tasks.clone(),
             options: settings.admin.clone(),
+            publishing: Publishing {
+                exchange: settings.relay.topology.exchange.clone(),
+                routing_key: settings.relay.routing_key.clone(),
+            },
         });
         let admin = HttpServer::new(move || {
             App::new()

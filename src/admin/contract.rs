@@ -14,6 +14,9 @@ use crate::store::{EventView, QuarantinedView};
 pub struct EventSummary {
     /// The dedup key, which is the AMQP `message_id`.
     pub id: String,
+    /// Its place in acceptance order: what `cursor` takes.
+    #[serde(default)]
+    pub seq: u64,
     pub event: String,
     /// The source it came from (`x-source`).
     #[serde(default)]
@@ -26,6 +29,9 @@ pub struct EventSummary {
     pub attempts: u32,
     pub redelivered: bool,
     pub size_bytes: usize,
+    /// One line of what it is about: `call_id=…`, `conversation_id=…`, `agent_id=…` of `data`.
+    #[serde(default)]
+    pub about: Option<String>,
 }
 
 impl From<&EventView> for EventSummary {
@@ -40,6 +46,8 @@ impl From<&EventView> for EventSummary {
             attempts: view.attempts,
             redelivered: view.record.redelivered,
             size_bytes: view.record.body.len(),
+            about: about(&view.record.body),
+            seq: view.seq,
         }
     }
 }
@@ -51,18 +59,91 @@ pub struct EventDetail {
     pub summary: EventSummary,
     /// The body as JSON, exactly as received; a body that is not JSON comes as a string.
     pub body: Value,
+    /// `X-Kallina-Signature` as received.
+    #[serde(default)]
+    pub signature: String,
+    /// Where its source posts: `/webhooks/kallina` or `/webhooks/<source>`.
+    #[serde(default)]
+    pub source_path: String,
+    /// How it is (or will be) published: exchange, routing key, properties, headers.
+    #[serde(default)]
+    pub publish: Value,
+    /// What happened to it, oldest first.
+    #[serde(default)]
+    pub timeline: Vec<Step>,
 }
 
-impl From<&EventView> for EventDetail {
-    fn from(view: &EventView) -> Self {
-        let body = &view.record.body;
+/// One step of an event's life.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    /// RFC 3339, milliseconds.
+    pub at: String,
+    pub what: String,
+}
+
+impl EventDetail {
+    /// The event, with `publish` from the relay's settings.
+    pub fn of(view: &EventView, publish: Value) -> Self {
+        let record = &view.record;
+        let body = &record.body;
+        let received = rfc3339_ms(record.received_at_ms);
+        let mut timeline = vec![Step {
+            at: received.clone(),
+            what: "received; stored durably before the 2xx answer".into(),
+        }];
+        if record.redelivered {
+            timeline.push(Step {
+                at: received,
+                what: format!(
+                    "put back by an operator ({} earlier publish attempts)",
+                    record.attempts_before
+                ),
+            });
+        }
+        match view.published_at_ms {
+            Some(at) => timeline.push(Step {
+                at: rfc3339_ms(at),
+                what: format!(
+                    "published: confirmed by the broker after {} attempt(s)",
+                    view.attempts
+                ),
+            }),
+            None => timeline.push(Step {
+                at: rfc3339_ms(crate::store::unix_millis(std::time::SystemTime::now())),
+                what: format!(
+                    "waiting in the outbox ({} attempt(s) so far)",
+                    view.attempts
+                ),
+            }),
+        }
+        // A named source's keys carry its name (`<source>:<sha256>`).
+        let source_path = if record.key.contains(':') {
+            format!("/webhooks/{}", record.source)
+        } else {
+            "/webhooks/kallina".into()
+        };
         Self {
             summary: view.into(),
             // Bodies were checked to be UTF-8 JSON when they were accepted.
             body: serde_json::from_slice(body)
                 .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned())),
+            signature: record.signature.clone(),
+            source_path,
+            publish,
+            timeline,
         }
     }
+}
+
+/// What an event is about, from the ids in its `data`: every one present, in this order.
+pub fn about(body: &[u8]) -> Option<String> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    let data = value.get("data")?;
+    let facts: Vec<String> = ["call_id", "conversation_id", "agent_id"]
+        .iter()
+        .filter_map(|key| Some(format!("{key}={}", data.get(*key)?.as_str()?)))
+        .collect();
+    (!facts.is_empty()).then(|| facts.join(" "))
 }
 
 /// `GET /admin/events`: one page, and where the next one starts.

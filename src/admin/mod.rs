@@ -1,5 +1,5 @@
-//! The admin listener (localhost by default): `/metrics`, `/healthz`, `/readyz`, and the admin
-//! API under `/admin/` ([`api`]).
+//! The admin listener (localhost by default): `/metrics`, `/healthz`, `/readyz`, the admin
+//! API under `/admin/` ([`api`]) and the event inspector page at `/ui/` ([`ui`]).
 //!
 //! Kept off the public port so that scanners on the internet see neither our numbers nor our
 //! state, and so that a flood on the public port cannot starve the operator's view.
@@ -7,6 +7,7 @@
 mod api;
 pub mod contract;
 pub mod options;
+mod ui;
 
 use actix_web::{web, HttpResponse};
 use serde_json::json;
@@ -30,12 +31,22 @@ pub struct Admin {
     pub tasks: TaskTracker,
     /// Its address, its token (without one the admin API answers 404), the redrive rate.
     pub options: AdminOptions,
+    /// How an event is published (exchange, routing key), for the inspector's preview.
+    pub publishing: Publishing,
+}
+
+/// What the admin API needs of the relay's settings to show how an event is published.
+#[derive(Debug, Clone)]
+pub struct Publishing {
+    pub exchange: String,
+    pub routing_key: crate::relay::RoutingKey,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/metrics", web::get().to(metrics))
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
+        .configure(ui::routes)
         .service(api::scope());
 }
 

@@ -15,12 +15,12 @@ use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions}
 use lapin::protocol::AMQPSoftError;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties, Consumer};
-use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::time::timeout;
 
 use super::{client_settings, Failure, ServeArgs};
+use crate::admin::contract::about;
 use crate::relay::{refused_with, Brokers};
 
 #[derive(Debug, Args)]
@@ -270,23 +270,15 @@ fn line(delivery: &Delivery) -> String {
         .map(|id| id.as_str())
         .unwrap_or("-");
     let mut text = format!("{time}  {}  {id}", delivery.routing_key.as_str());
+    // One field only: the line's columns are split on whitespace.
     if let Some(about) = about(&delivery.data) {
         text.push_str("  ");
-        text.push_str(&about);
+        text.push_str(about.split(' ').next().unwrap_or_default());
     }
     if header("x-redelivered") == Some(&AMQPValue::Boolean(true)) {
         text.push_str("  (redelivered)");
     }
     text
-}
-
-/// What the event is about, from the fields every event type of the platform carries.
-fn about(body: &[u8]) -> Option<String> {
-    let value: Value = serde_json::from_slice(body).ok()?;
-    let data = value.get("data")?;
-    ["call_id", "conversation_id", "agent_id"]
-        .iter()
-        .find_map(|key| Some(format!("{key}={}", data.get(*key)?.as_str()?)))
 }
 
 /// The body on one line: whitespace outside strings dropped, every other byte as received
@@ -342,7 +334,7 @@ mod tests {
             one_line(br#"{"a": "x \" y\\", "b": [1, 2]}"#),
             r#"{"a":"x \" y\\","b":[1,2]}"#
         );
-        let (a, b): (Value, Value) = (
+        let (a, b): (serde_json::Value, serde_json::Value) = (
             serde_json::from_slice(body).unwrap(),
             serde_json::from_str(&line).unwrap(),
         );

@@ -6,6 +6,9 @@ use lapin::BasicProperties;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use serde_json::{json, Value};
+
+use super::routing::RoutingKey;
 use crate::store::OutboxRecord;
 use crate::trace::TraceContext;
 
@@ -48,6 +51,48 @@ pub(super) fn properties(record: &OutboxRecord, span: Option<&TraceContext>) -> 
         .with_timestamp(record.received_at_ms / 1000)
         .with_app_id(APP_ID.into())
         .with_headers(headers)
+}
+
+/// How `record` is (or will be) published, as JSON for the admin API: the exchange, the routing
+/// key, the properties and the headers. The `traceparent` names a publish span that is made
+/// anew at each publish, so its span id here is a placeholder.
+pub fn preview(record: &OutboxRecord, exchange: &str, routing_key: &RoutingKey) -> Value {
+    let span = record.trace.as_ref().map(|trace| TraceContext {
+        span_id: "<publish span>".into(),
+        ..trace.clone()
+    });
+    let p = properties(record, span.as_ref());
+    let text = |s: &Option<lapin::types::ShortString>| s.as_ref().map(|s| s.to_string());
+    let headers: serde_json::Map<String, Value> = p
+        .headers()
+        .as_ref()
+        .map(|h| {
+            h.inner()
+                .iter()
+                .map(|(k, v)| {
+                    let v = match v {
+                        AMQPValue::LongString(s) => Value::String(s.to_string()),
+                        AMQPValue::Boolean(b) => Value::Bool(*b),
+                        other => Value::String(format!("{other:?}")),
+                    };
+                    (k.to_string(), v)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    json!({
+        "exchange": exchange,
+        "routing_key": routing_key.render(record),
+        "properties": {
+            "delivery_mode": p.delivery_mode(),
+            "content_type": text(p.content_type()),
+            "message_id": text(p.message_id()),
+            "type": text(p.kind()),
+            "timestamp": p.timestamp(),
+            "app_id": text(p.app_id()),
+        },
+        "headers": headers,
+    })
 }
 
 #[cfg(test)]

@@ -39,6 +39,7 @@ use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
 use tokio::time::{sleep, timeout};
 
 pub use connect::{Brokers, Node};
+pub use message::preview as publication_preview;
 pub use options::RelayOptions;
 pub use routing::RoutingKey;
 pub use status::{BrokerState, BrokerStatus};

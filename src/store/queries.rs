@@ -126,8 +126,15 @@ pub struct EventQuery {
     pub source: Option<String>,
     pub status: Option<EventStatus>,
     pub limit: usize,
-    /// Continue after this sequence number (the previous page's cursor).
+    /// Continue after this sequence number (the previous page's cursor, oldest first).
     pub after: Option<u64>,
+    /// Newest first instead of oldest first.
+    pub newest_first: bool,
+    /// Continue before this sequence number (the previous page's cursor, newest first).
+    pub before: Option<u64>,
+    /// Only events whose body holds this text (bytes, case-sensitive); the scan limit per page
+    /// bounds what it costs.
+    pub text: Option<String>,
 }
 
 impl EventQuery {
@@ -136,7 +143,15 @@ impl EventQuery {
             && self.until_ms.is_none_or(|u| record.received_at_ms < u)
             && self.event.as_deref().is_none_or(|e| record.event == e)
             && self.source.as_deref().is_none_or(|s| record.source == s)
+            && self
+                .text
+                .as_deref()
+                .is_none_or(|t| contains(&record.body, t.as_bytes()))
     }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// One page of events; `next_cursor` is `None` once the scan reached the end.
@@ -257,22 +272,29 @@ pub fn event_at(database: &Database, seq: u64) -> Result<Option<EventView>, Stor
     }
 }
 
-/// A page of events matching `query`, oldest first: outbox and archive merged by sequence
-/// number. At most [`SCAN_LIMIT`] records are read per page, so a page may come back short
-/// with a cursor to go on from.
+/// A page of events matching `query`, oldest first (or newest first): outbox and archive
+/// merged by sequence number. At most [`SCAN_LIMIT`] records are read per page, so a page may
+/// come back short with a cursor to go on from. The cursor is a sequence number, so paging
+/// stays right while events arrive: newer ones get higher numbers.
 pub fn list_events(database: &Database, query: &EventQuery) -> Result<EventPage, StoreError> {
-    let start = seq_key(query.after.map_or(0, |a| a.saturating_add(1)));
+    type Records<'a> =
+        std::iter::Peekable<Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + 'a>>;
     let want = |status| query.status.is_none_or(|s| s == status);
-    let mut pending = want(EventStatus::Pending)
-        .then(|| database.outbox.range(start..))
-        .into_iter()
-        .flatten()
-        .peekable();
-    let mut published = want(EventStatus::Published)
-        .then(|| database.archive.range(start..))
-        .into_iter()
-        .flatten()
-        .peekable();
+    let range = |tree: &sled::Tree, wanted: bool| -> Records<'_> {
+        let records: Box<dyn Iterator<Item = _>> = match (wanted, query.newest_first) {
+            (false, _) => Box::new(std::iter::empty()),
+            (true, false) => {
+                Box::new(tree.range(seq_key(query.after.map_or(0, |a| a.saturating_add(1)))..))
+            }
+            (true, true) => match query.before {
+                Some(before) => Box::new(tree.range(..seq_key(before)).rev()),
+                None => Box::new(tree.iter().rev()),
+            },
+        };
+        records.peekable()
+    };
+    let mut pending = range(&database.outbox, want(EventStatus::Pending));
+    let mut published = range(&database.archive, want(EventStatus::Published));
     let mut events = Vec::new();
     let mut scanned = 0;
     let mut last = None;
@@ -284,38 +306,45 @@ pub fn list_events(database: &Database, query: &EventQuery) -> Result<EventPage,
                 next_cursor: last,
             });
         }
-        let next_pending = match pending.peek() {
-            Some(Ok((k, _))) => Some(seq_of(k)?),
-            Some(Err(_)) => return Err(pending.next().expect("peeked").unwrap_err().into()),
-            None => None,
-        };
-        let next_published = match published.peek() {
-            Some(Ok((k, _))) => Some(seq_of(k)?),
-            Some(Err(_)) => return Err(published.next().expect("peeked").unwrap_err().into()),
-            None => None,
-        };
-        let view = match (next_pending, next_published) {
+        let next_pending = peek_seq(&mut pending)?;
+        let next_published = peek_seq(&mut published)?;
+        // The next in the page's order: the lower sequence number oldest first, the higher
+        // newest first.
+        let take_pending = match (next_pending, next_published) {
             (None, None) => {
                 return Ok(EventPage {
                     events,
                     next_cursor: None,
                 })
             }
-            (Some(p), a) if a.is_none_or(|a| p < a) => {
-                let (_, bytes) = pending.next().expect("peeked")?;
-                EventView::pending(p, &bytes)?
-            }
-            (_, Some(a)) => {
-                let (_, bytes) = published.next().expect("peeked")?;
-                EventView::published(a, &bytes)?
-            }
-            (Some(_), None) => unreachable!("covered by the arm above"),
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (Some(p), Some(a)) => (p < a) != query.newest_first,
+        };
+        let view = if take_pending {
+            let (key, bytes) = pending.next().expect("peeked")?;
+            EventView::pending(seq_of(&key)?, &bytes)?
+        } else {
+            let (key, bytes) = published.next().expect("peeked")?;
+            EventView::published(seq_of(&key)?, &bytes)?
         };
         scanned += 1;
         last = Some(view.seq);
         if query.matches(&view.record) {
             events.push(view);
         }
+    }
+}
+
+/// The sequence number of the next record, or its read error.
+fn peek_seq<I>(records: &mut std::iter::Peekable<I>) -> Result<Option<u64>, StoreError>
+where
+    I: Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+{
+    match records.peek() {
+        Some(Ok((k, _))) => Ok(Some(seq_of(k)?)),
+        Some(Err(_)) => Err(records.next().expect("peeked").unwrap_err().into()),
+        None => Ok(None),
     }
 }
 

@@ -12,6 +12,7 @@ mod deploy;
 mod durability;
 mod helpers;
 mod hostile;
+mod inspector;
 mod own_broker;
 mod relay;
 mod replicas;

@@ -26,6 +26,7 @@ mod quarantine;
 use super::contract::{EventDetail, EventList, EventSummary, Redelivered, RedriveStarted};
 use super::Admin;
 use crate::http::{assign_request_id, respond, ApiError, Failure, RequestId};
+use crate::relay::publication_preview;
 use crate::shutdown::Shutdown;
 use crate::store::{EventQuery, EventStatus, Redelivery, Shelf, StoreError};
 
@@ -128,6 +129,9 @@ impl From<StoreError> for AdminError {
 /// Handlers answer `Result<HttpResponse, Failure<AdminError>>`: the error with the request's id.
 type Answer = Result<HttpResponse, Failure<AdminError>>;
 
+/// Longest text `q` searches bodies for.
+const MAX_SEARCH: usize = 200;
+
 trait WithRequest<T> {
     fn for_request(self, req: &HttpRequest) -> Result<T, Failure<AdminError>>;
 }
@@ -211,6 +215,10 @@ struct ListParams {
     status: Option<String>,
     limit: Option<String>,
     cursor: Option<String>,
+    /// `asc` (default, oldest first) or `desc` (newest first).
+    order: Option<String>,
+    /// Text the body must hold.
+    q: Option<String>,
 }
 
 async fn list_events(req: HttpRequest, admin: web::Data<Admin>) -> Answer {
@@ -238,7 +246,19 @@ fn list_query(params: ListParams) -> Result<EventQuery, AdminError> {
         Some(_) => return Err(AdminError::invalid("status", "`pending` or `published`")),
     };
     let limit = parse_limit(params.limit.as_deref())?;
-    let after = parse_cursor(params.cursor)?;
+    let cursor = parse_cursor(params.cursor)?;
+    let newest_first = match params.order.as_deref() {
+        None | Some("") | Some("asc") => false,
+        Some("desc") => true,
+        Some(_) => return Err(AdminError::invalid("order", "`asc` or `desc`")),
+    };
+    let text = params.q.filter(|q| !q.is_empty());
+    if text.as_ref().is_some_and(|q| q.len() > MAX_SEARCH) {
+        return Err(AdminError::invalid(
+            "q",
+            format!("at most {MAX_SEARCH} bytes of text to search for"),
+        ));
+    }
     Ok(EventQuery {
         since_ms: params
             .since
@@ -254,7 +274,10 @@ fn list_query(params: ListParams) -> Result<EventQuery, AdminError> {
         source: params.source.filter(|s| !s.is_empty()),
         status,
         limit,
-        after,
+        after: cursor.filter(|_| !newest_first),
+        before: cursor.filter(|_| newest_first),
+        newest_first,
+        text,
     })
 }
 
@@ -267,7 +290,9 @@ async fn show_event(req: HttpRequest, admin: web::Data<Admin>, id: web::Path<Str
         .for_request(&req)?
         .ok_or(AdminError::NotFound)
         .for_request(&req)?;
-    Ok(HttpResponse::Ok().json(EventDetail::from(&view)))
+    let publishing = &admin.publishing;
+    let publish = publication_preview(&view.record, &publishing.exchange, &publishing.routing_key);
+    Ok(HttpResponse::Ok().json(EventDetail::of(&view, publish)))
 }
 
 async fn redeliver(req: HttpRequest, admin: web::Data<Admin>, id: web::Path<String>) -> Answer {
@@ -480,6 +505,8 @@ mod tests {
             status: status.map(str::to_string),
             limit: limit.map(str::to_string),
             cursor: None,
+            order: None,
+            q: None,
         };
         assert_eq!(list_query(params(None, None)).unwrap().limit, DEFAULT_LIMIT);
         assert!(list_query(params(Some("0"), None)).is_err());
