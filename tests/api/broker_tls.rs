@@ -106,10 +106,13 @@ async fn publishes_are_confirmed_over_tls_and_a_wrong_ca_is_refused_with_a_clear
     let untrusting = spawn_app(tls(&other.pem)).await;
     // No client certificate: the broker refuses the handshake.
     let anonymous = spawn_app(tls(&ca.pem)).await;
-    for (relay, expected) in [
-        (&untrusting, "invalid peer certificate"),
-        (&anonymous, "certificaterequired"),
-    ] {
+    // Without a client certificate the broker's alert and its closing the socket race: the
+    // relay sees one or the other, never a session.
+    let refusals: [(&TestApp, &[&str]); 2] = [
+        (&untrusting, &["invalid peer certificate"]),
+        (&anonymous, &["certificaterequired", "connection reset"]),
+    ];
+    for (relay, expected) in refusals {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         let reason = loop {
             let (_, ready) = relay.readyz().await;
@@ -122,7 +125,8 @@ async fn publishes_are_confirmed_over_tls_and_a_wrong_ca_is_refused_with_a_clear
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        assert!(reason.to_lowercase().contains(expected), "{reason}");
+        let lower = reason.to_lowercase();
+        assert!(expected.iter().any(|e| lower.contains(e)), "{reason}");
         assert!(!reason.contains("guest:guest"), "{reason}");
         println!("refused: {reason}");
     }
