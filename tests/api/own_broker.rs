@@ -220,14 +220,24 @@ impl OwnCluster {
                     .unwrap_or_else(|e| panic!("rabbitmqctl {step:?} on {}: {e}", node.node));
             }
         }
-        let status = nodes[0].ctl(&["cluster_status"]).unwrap();
-        for node in &nodes {
-            assert!(
-                status.contains(&node.node),
-                "{} not joined: {status}",
-                node.node
-            );
-        }
+        // Joined is not yet running: a quorum queue declared now would get members only on
+        // the nodes running at that moment, and could not survive its first node.
+        let first = &nodes[0];
+        let names: Vec<String> = nodes.iter().map(|n| n.node.clone()).collect();
+        wait_until(
+            Duration::from_secs(60),
+            "every node of the cluster to run",
+            || async {
+                let running: Vec<String> = first
+                    .ctl(&["cluster_status", "--formatter", "json"])
+                    .ok()
+                    .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+                    .and_then(|v| serde_json::from_value(v["running_nodes"].clone()).ok())
+                    .unwrap_or_default();
+                names.iter().all(|n| running.contains(n))
+            },
+        )
+        .await;
         Self { nodes, _home: home }
     }
 
