@@ -263,6 +263,25 @@ impl Values {
     }
 
     /// The setting's raw text, for checks that involve two settings.
+    /// Two optional settings that only make sense together (a certificate and its key): both
+    /// or neither; the one missing is named, with what it should hold.
+    pub fn both_or_neither<A, B>(
+        &self,
+        first: (&Setting<Option<A>>, &str),
+        second: (&Setting<Option<B>>, &str),
+    ) -> Result<Option<(A, B)>, ConfigError> {
+        match (self.get(first.0)?, self.get(second.0)?) {
+            (None, None) => Ok(None),
+            (Some(a), Some(b)) => Ok(Some((a, b))),
+            (Some(_), None) => Err(self
+                .field(&second.0.spec)
+                .invalid(format!("{}, since {} is set", second.1, first.0.spec.key))),
+            (None, Some(_)) => Err(self
+                .field(&first.0.spec)
+                .invalid(format!("{}, since {} is set", first.1, second.0.spec.key))),
+        }
+    }
+
     pub fn field<'a>(&'a self, spec: &'a Spec) -> Field<'a> {
         Field {
             spec,
@@ -328,6 +347,11 @@ impl<'a> Field<'a> {
 
     pub fn path(&self) -> Result<PathBuf, ConfigError> {
         self.non_empty().map(PathBuf::from)
+    }
+
+    /// A path, or `None` when unset or blank.
+    pub fn optional_path(&self) -> Result<Option<PathBuf>, ConfigError> {
+        self.optional().map(|_| self.path()).transpose()
     }
 
     pub fn duration(&self) -> Result<Duration, ConfigError> {

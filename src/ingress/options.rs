@@ -33,7 +33,7 @@ pub const WEBHOOK_SECRET_FILE: Setting<Option<PathBuf>> = Setting::new(
         "KALLINA_WEBHOOK_SECRET_FILE",
         "file of webhook secrets, one per line, newest first",
     ),
-    |f| f.optional().map(|_| f.path()).transpose(),
+    |f| f.optional_path(),
 );
 pub const LISTEN: Setting<SocketAddr> = Setting::new(
     Spec::new("listen", "KALLINA_RELAY_LISTEN", "public listener address")
@@ -141,7 +141,7 @@ pub const TLS_CERT: Setting<Option<PathBuf>> = Setting::new(
         "PEM certificate chain for TLS on the public listener",
     )
     .note("unset: plain HTTP (for a terminating proxy); both `tls_cert` and `tls_key` or neither"),
-    |f| f.optional().map(|_| f.path()).transpose(),
+    |f| f.optional_path(),
 );
 pub const TLS_KEY: Setting<Option<PathBuf>> = Setting::new(
     Spec::new(
@@ -150,7 +150,7 @@ pub const TLS_KEY: Setting<Option<PathBuf>> = Setting::new(
         "PEM private key for TLS on the public listener",
     )
     .note("unset: plain HTTP; both or neither"),
-    |f| f.optional().map(|_| f.path()).transpose(),
+    |f| f.optional_path(),
 );
 
 /// Every setting of this stage, in the order the README lists them.
@@ -228,23 +228,7 @@ impl IngressOptions {
             tls: tls(values)?,
         })
     }
-}
 
-/// Both TLS files or neither.
-fn tls(values: &Values) -> Result<Option<TlsFiles>, ConfigError> {
-    match (values.get(&TLS_CERT)?, values.get(&TLS_KEY)?) {
-        (None, None) => Ok(None),
-        (Some(cert), Some(key)) => Ok(Some(TlsFiles { cert, key })),
-        (Some(_), None) => Err(values
-            .field(&TLS_KEY.spec)
-            .invalid("a PEM private key file, since tls_cert is set")),
-        (None, Some(_)) => Err(values
-            .field(&TLS_CERT.spec)
-            .invalid("a PEM certificate file, since tls_key is set")),
-    }
-}
-
-impl IngressOptions {
     /// The longest tolerance of any source: the replay window dedup retention must cover.
     pub fn max_tolerance(&self) -> Duration {
         self.sources
@@ -263,6 +247,16 @@ impl IngressOptions {
     pub fn source_named(&self, name: &str) -> Option<&Source> {
         self.sources.iter().find(|s| s.name == name)
     }
+}
+
+/// Both TLS files or neither.
+fn tls(values: &Values) -> Result<Option<TlsFiles>, ConfigError> {
+    Ok(values
+        .both_or_neither(
+            (&TLS_CERT, "a PEM certificate file"),
+            (&TLS_KEY, "a PEM private key file"),
+        )?
+        .map(|(cert, key)| TlsFiles { cert, key }))
 }
 
 /// The default source when a webhook secret is configured, then the file's `[[sources]]`;

@@ -49,7 +49,7 @@ pub const BROKER_TLS_CA: Setting<Option<PathBuf>> = Setting::new(
         "PEM CA bundle trusted for `amqps://` brokers instead of the system's roots",
     )
     .note("the system's roots"),
-    |f| f.optional().map(|_| f.path()).transpose(),
+    |f| f.optional_path(),
 );
 pub const BROKER_TLS_CERT: Setting<Option<PathBuf>> = Setting::new(
     Spec::new(
@@ -58,7 +58,7 @@ pub const BROKER_TLS_CERT: Setting<Option<PathBuf>> = Setting::new(
         "PEM client certificate chain for mutual TLS with the broker (with `broker_tls_key`)",
     )
     .note("none"),
-    |f| f.optional().map(|_| f.path()).transpose(),
+    |f| f.optional_path(),
 );
 pub const BROKER_TLS_KEY: Setting<Option<PathBuf>> = Setting::new(
     Spec::new(
@@ -67,7 +67,7 @@ pub const BROKER_TLS_KEY: Setting<Option<PathBuf>> = Setting::new(
         "PEM private key of `broker_tls_cert`",
     )
     .note("none"),
-    |f| f.optional().map(|_| f.path()).transpose(),
+    |f| f.optional_path(),
 );
 pub const BROKER_TLS_SERVER_NAME: Setting<Option<String>> = Setting::new(
     Spec::new(
@@ -221,20 +221,10 @@ impl RelayOptions {
 /// so that a bad one stops the start naming its setting.
 fn brokers(values: &Values) -> Result<Brokers, ConfigError> {
     let nodes = values.get(&AMQP_URL)?;
-    let identity = match (values.get(&BROKER_TLS_CERT)?, values.get(&BROKER_TLS_KEY)?) {
-        (None, None) => None,
-        (Some(cert), Some(key)) => Some((cert, key)),
-        (Some(_), None) => {
-            return Err(values
-                .field(&BROKER_TLS_KEY.spec)
-                .invalid("a PEM private key file, since broker_tls_cert is set"))
-        }
-        (None, Some(_)) => {
-            return Err(values
-                .field(&BROKER_TLS_CERT.spec)
-                .invalid("a PEM certificate file, since broker_tls_key is set"))
-        }
-    };
+    let identity = values.both_or_neither(
+        (&BROKER_TLS_CERT, "a PEM certificate file"),
+        (&BROKER_TLS_KEY, "a PEM private key file"),
+    )?;
     let files = BrokerTlsFiles {
         ca: values.get(&BROKER_TLS_CA)?,
         identity,
