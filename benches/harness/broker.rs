@@ -8,15 +8,16 @@ pub(crate) async fn broker() -> Result<Connection> {
         .context("RabbitMQ at 127.0.0.1:5672 (scripts/ensure-rabbitmq.sh)")
 }
 
-/// Baseline for the drain: `count` messages with the relay's properties and window, confirmed.
-pub(crate) async fn plain_publisher(count: u64) -> Result<f64> {
-    let connection = broker().await?;
-    let channel = connection.create_channel().await?;
-    let exchange = format!("bench.baseline.{}", fastrand::u32(..));
-    let queue = format!("{exchange}.q");
+/// A durable topic exchange and a durable queue bound to every key, so that the broker
+/// stores what is published to it, as it does for the relay.
+pub(crate) async fn declare_bound(
+    channel: &lapin::Channel,
+    exchange: &str,
+    queue: &str,
+) -> Result<()> {
     channel
         .exchange_declare(
-            exchange.as_str().into(),
+            exchange.into(),
             ExchangeKind::Topic,
             ExchangeDeclareOptions {
                 durable: true,
@@ -27,7 +28,7 @@ pub(crate) async fn plain_publisher(count: u64) -> Result<f64> {
         .await?;
     channel
         .queue_declare(
-            queue.as_str().into(),
+            queue.into(),
             QueueDeclareOptions {
                 durable: true,
                 ..Default::default()
@@ -37,13 +38,23 @@ pub(crate) async fn plain_publisher(count: u64) -> Result<f64> {
         .await?;
     channel
         .queue_bind(
-            queue.as_str().into(),
-            exchange.as_str().into(),
+            queue.into(),
+            exchange.into(),
             "#".into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
         .await?;
+    Ok(())
+}
+
+/// Baseline for the drain: `count` messages with the relay's properties and window, confirmed.
+pub(crate) async fn plain_publisher(count: u64) -> Result<f64> {
+    let connection = broker().await?;
+    let channel = connection.create_channel().await?;
+    let exchange = format!("bench.baseline.{}", fastrand::u32(..));
+    let queue = format!("{exchange}.q");
+    declare_bound(&channel, &exchange, &queue).await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;

@@ -14,10 +14,11 @@ pub(crate) fn envelope_prefix(marker: &str) -> String {
     )
 }
 
-/// A ~600-byte call.ended body with a fresh timestamp.
+/// One signed event of the ingest scenarios' size, for those that send the same body over
+/// and over (duplicates, the plain publisher, store filling).
 pub(crate) fn body(marker: &str) -> Vec<u8> {
     let mut body = envelope_prefix(marker);
-    while body.len() < 596 {
+    while body.len() < SMALL_BODY - 3 {
         body.push('x');
     }
     body.push_str("\"}}");
@@ -33,43 +34,75 @@ pub(crate) struct WrkResult {
     pub(crate) requests: u64,
     /// wrk's "Socket errors" line when it printed one (timeouts are not in the latencies).
     pub(crate) socket_errors: Option<String>,
+    /// wrk's own CPU time over the run's wall time: how much of the 2 shared cores the load
+    /// generator took from what it measured.
+    pub(crate) generator_cores: f64,
 }
 
-/// Runs wrk for `seconds` with 64 connections; `unique` gives every request its own delivery id.
-pub(crate) fn wrk(
-    dir: &Path,
-    port: u16,
-    unique: bool,
-    run: &str,
-    seconds: u32,
-) -> Result<WrkResult> {
+/// New events: `CONNECTIONS` connections, every request a different signed body.
+pub(crate) fn wrk_new(dir: &Path, port: u16, run: &str, seconds: u32) -> Result<WrkResult> {
+    let body = SignedBody::new(run, SMALL_BODY)?;
+    wrk_signed(dir, port, &body, CONNECTIONS, run, seconds)
+}
+
+/// Duplicates: `CONNECTIONS` connections sending one signed body over and over.
+pub(crate) fn wrk_same(dir: &Path, port: u16, run: &str, seconds: u32) -> Result<WrkResult> {
     let body = body(run);
     let body_file = dir.join(format!("body-{run}.json"));
     std::fs::write(&body_file, &body)?;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/wrk/post.lua");
+    let mut command = wrk_command(CONNECTIONS, seconds, &script, port);
+    command
+        .env("KALLINA_BENCH_BODY_FILE", &body_file)
+        .env("KALLINA_BENCH_SIGNATURE", sign(SECRET.as_bytes(), &body));
+    run_wrk(command, run)
+}
+
+/// wrk with two threads (one per core), `connections`, a script and the webhook URL.
+pub(crate) fn wrk_command(connections: u32, seconds: u32, script: &Path, port: u16) -> Command {
     let mut command = Command::new("wrk");
     command
         .args([
             "-t2",
-            &format!("-c{CONNECTIONS}"),
+            &format!("-c{connections}"),
             &format!("-d{seconds}s"),
+            // A slow fsync should show in p99, not vanish as a timeout (wrk's default is 2 s
+            // and timed-out requests are left out of its latencies).
+            "--timeout",
+            "10s",
             "--latency",
             "-s",
         ])
-        .arg(&script)
-        .arg(format!("http://127.0.0.1:{port}/webhooks/kallina"))
-        .env("KALLINA_BENCH_BODY_FILE", &body_file)
-        .env("KALLINA_BENCH_SIGNATURE", sign(SECRET.as_bytes(), &body))
-        .env("KALLINA_BENCH_UNIQUE", if unique { "1" } else { "0" })
-        .env("KALLINA_BENCH_RUN", run);
-    run_wrk(command, run)
+        .arg(script)
+        .arg(format!("http://127.0.0.1:{port}/webhooks/kallina"));
+    command
+}
+
+/// CPU seconds used by the children this process has waited for.
+fn children_cpu_seconds() -> f64 {
+    cpu_seconds(libc::RUSAGE_CHILDREN)
+}
+
+/// CPU seconds, user and system, of `who` (`RUSAGE_SELF` or `RUSAGE_CHILDREN`).
+pub(crate) fn cpu_seconds(who: libc::c_int) -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(who, &mut usage);
+        usage
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
 /// Runs a prepared wrk command and reads its summary.
 pub(crate) fn run_wrk(mut command: Command, run: &str) -> Result<WrkResult> {
+    let cpu_before = children_cpu_seconds();
+    let started = Instant::now();
     let output = command
         .output()
         .context("running wrk (apt-get install wrk)")?;
+    let generator_cores = (children_cpu_seconds() - cpu_before) / started.elapsed().as_secs_f64();
     let text = String::from_utf8_lossy(&output.stdout).to_string();
     let field = |prefix: &str| -> Option<String> {
         text.lines()
@@ -98,10 +131,11 @@ pub(crate) fn run_wrk(mut command: Command, run: &str) -> Result<WrkResult> {
         non_2xx,
         requests,
         socket_errors: field("Socket errors:"),
+        generator_cores,
     };
     println!(
-        "  wrk {run}: {:.0}/s p50 {:.2} ms p99 {:.2} ms non-2xx {}",
-        result.rps, result.p50_ms, result.p99_ms, result.non_2xx
+        "  wrk {run}: {:.0}/s p50 {:.2} ms p99 {:.2} ms non-2xx {}, wrk used {:.2} cores",
+        result.rps, result.p50_ms, result.p99_ms, result.non_2xx, result.generator_cores
     );
     Ok(result)
 }
@@ -130,6 +164,9 @@ pub(crate) struct Sustained {
     pub(crate) accept_p99_ms: f64,
     pub(crate) lag_p99_ms: f64,
     pub(crate) consumed: u64,
+    /// The harness's own CPU (the open-loop generator and the consumer) over the run's wall
+    /// time, in cores.
+    pub(crate) generator_cores: f64,
 }
 
 impl Sustained {
@@ -145,17 +182,6 @@ impl Sustained {
             self.offered, self.seconds, self.accepted, self.errors, self.accept_p99_ms, self.consumed, self.lag_p99_ms
         )
     }
-}
-
-pub(crate) async fn sustained(
-    relay: &Relay,
-    queue: &str,
-    rate: u64,
-    seconds: u64,
-) -> Result<Sustained> {
-    let run = sustained_run(relay, queue, rate, seconds).await?;
-    println!("  sustained: {}", run.describe());
-    Ok(run)
 }
 
 /// Open loop: requests are sent on a fixed schedule whatever the answers do, and latency is
@@ -212,34 +238,31 @@ pub(crate) async fn sustained_run(
         .pool_max_idle_per_host(256)
         .build()?;
     let url = format!("http://127.0.0.1:{}/webhooks/kallina", relay.port);
-    let body = Arc::new(body(&format!("sustained-{rate}")));
-    let signature = Arc::new(sign(SECRET.as_bytes(), &body));
+    // Every request a new event: its own body (the dedup key is the body's hash), signed here.
+    let bodies = Arc::new(SignedBody::new(&format!("sustained-{rate}"), SMALL_BODY)?);
     let accept = Arc::new(Mutex::new(Histogram::<u64>::new(3)?));
     let results: Arc<Mutex<BTreeMap<bool, u64>>> = Arc::default();
     let total = rate * seconds;
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let start = tokio::time::Instant::now();
+    let cpu_before = cpu_seconds(libc::RUSAGE_SELF);
     let prefix = fastrand::u64(..);
     let mut tasks = Vec::with_capacity(total as usize);
     for i in 0..total {
         let scheduled = start + interval.mul_f64(i as f64);
         tokio::time::sleep_until(scheduled).await;
-        let (client, url, body, signature, accept, results) = (
-            client.clone(),
-            url.clone(),
-            body.clone(),
-            signature.clone(),
-            accept.clone(),
-            results.clone(),
-        );
+        let (client, url, accept, results) =
+            (client.clone(), url.clone(), accept.clone(), results.clone());
+        let body = bodies.nth(0, i);
+        let signature = sign(SECRET.as_bytes(), &body);
         tasks.push(tokio::spawn(async move {
             let response = client
                 .post(url)
-                .header("X-Kallina-Signature", signature.as_str())
+                .header("X-Kallina-Signature", signature)
                 .header("X-Kallina-Delivery", format!("sustained-{prefix}-{i}"))
                 .header("Content-Type", "application/json")
                 .timeout(Duration::from_secs(10))
-                .body(body.as_ref().clone())
+                .body(body)
                 .send()
                 .await;
             let ok = response.is_ok_and(|r| r.status().as_u16() == 202);
@@ -261,6 +284,8 @@ pub(crate) async fn sustained_run(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     consumer_task.abort();
+    let generator_cores =
+        (cpu_seconds(libc::RUSAGE_SELF) - cpu_before) / start.elapsed().as_secs_f64();
     let accept_p99_ms = accept.lock().unwrap().value_at_quantile(0.99) as f64 / 1000.0;
     let lag_p99_ms = lags.lock().unwrap().value_at_quantile(0.99) as f64 / 1000.0;
     Ok(Sustained {
@@ -271,5 +296,6 @@ pub(crate) async fn sustained_run(
         accept_p99_ms,
         lag_p99_ms,
         consumed: consumed.load(Ordering::Relaxed),
+        generator_cores,
     })
 }
