@@ -19,6 +19,13 @@ if ! command -v wrk >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq wrk >/dev/null
   else sudo apt-get update -qq && sudo apt-get install -y -qq wrk >/dev/null; fi
 fi
+# The Node receiver the harness measures beside the relay (express + amqplib, from the npm
+# registry at the versions package-lock.json pins).
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  echo "bench: Node.js and npm are needed for the Node receiver baseline (apt-get install nodejs npm)" >&2
+  exit 1
+fi
+npm ci --prefix benches/node-receiver --no-audit --no-fund >/dev/null
 case "${1:-}" in
   --micro-only) ;;
   *) cargo bench --locked --bench harness ;;
