@@ -180,7 +180,7 @@ async fn sustained_only(work: &Path) -> Result<Row> {
         format!("[[queues]]\nname = \"{queue}\"\nbindings = [\"#\"]\n"),
     )?;
     let mut relay = Relay::start(&work.join("sustained-data"), &config, &exchange, BROKER)?;
-    relay.wait_healthy().await?;
+    relay.wait_connected().await?;
     let row = sustained_row(&relay, &queue).await;
     relay.stop()?;
     cleanup(&queue, &exchange).await;

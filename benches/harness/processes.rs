@@ -120,6 +120,28 @@ impl Relay {
         bail!("the relay did not start")
     }
 
+    /// Waits for `/readyz` to report `broker_connected` (connected, topology declared, the
+    /// bench's queue among it), so that a purge or a consumer finds the queue. Readiness alone
+    /// does not wait for the broker: events wait in the outbox meanwhile.
+    pub(crate) async fn wait_connected(&self) -> Result<()> {
+        for _ in 0..600 {
+            if let Ok(r) = self
+                .client
+                .get(format!("http://127.0.0.1:{}/readyz", self.admin))
+                .send()
+                .await
+            {
+                if let Ok(ready) = r.json::<serde_json::Value>().await {
+                    if ready["broker_connected"] == serde_json::Value::Bool(true) {
+                        return Ok(());
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("the relay did not connect to the broker and declare its topology")
+    }
+
     pub(crate) async fn outbox(&self) -> Result<u64> {
         let ready: serde_json::Value = self
             .client
