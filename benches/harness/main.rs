@@ -22,7 +22,7 @@
 //!   commit) instead of this build's; the heading names the binary that ran.
 //! - `KALLINA_BENCH_ONLY=<names, comma-separated>`: only these scenarios, from `ingest`
 //!   (scenario 1 with its baseline), `node` (ingest and the Node receiver), `sustained` (the
-//!   five 5k/s runs and the climb of rates), `large` (6) and `memory` (the 1M-event figure
+//!   five 5k/s runs and the climb of rates), `large` (7) and `memory` (the 1M-event figure
 //!   alone).
 //! - `KALLINA_BENCH_SECONDS=<n>`: cap every wrk run and disk baseline at n seconds, for a
 //!   quick check that the harness works; the figures it gives are not the benchmark's.
@@ -409,18 +409,18 @@ async fn run() -> Result<()> {
     });
     purge(&queue).await?;
 
-    // The Node receiver, with the broker up, before the sustained runs fill the cores' caches
+    // 4. the Node receiver, with the broker up, before the sustained runs fill the cores' caches
     // with the relay's publishing.
     let node = node_receiver(work.path()).await?;
     rows.push(node_row(&ingest, &node));
 
-    // 4. sustained, five times, then rising rates
+    // 5. sustained, five times, then rising rates
     rows.push(sustained_row(&relay, &queue).await?);
     rows.push(max_rate_row(&relay, &queue).await?);
     let peak_all = relay.peak_rss_mb();
     relay.stop()?;
 
-    // 5. memory with 1M events in the outbox, and disk
+    // 6. memory with 1M events in the outbox, and disk
     let stored_total = Store::open(&store_options(&data_dir))?.stats().dedup_keys;
     let disk_before = du(&data_dir);
     let swept = {
@@ -454,7 +454,7 @@ async fn run() -> Result<()> {
         target: "report",
     });
 
-    // 6. large bodies: last, with a data dir of its own, so that the scenarios above run on
+    // 7. large bodies: last, with a data dir of its own, so that the scenarios above run on
     //    the same disk and data as they did before it existed.
     rows.push(large_ingest(work.path(), &config, &exchange, &forwarder).await?);
 
