@@ -104,42 +104,41 @@ impl Relay {
     }
 
     pub(crate) async fn wait_healthy(&self) -> Result<()> {
-        for _ in 0..600 {
-            if let Ok(r) = self
-                .client
-                .get(format!("http://127.0.0.1:{}/healthz", self.admin))
-                .send()
-                .await
-            {
-                if r.status().is_success() {
-                    return Ok(());
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        bail!("the relay did not start")
+        self.wait_for("/healthz", |status, _| status.is_success())
+            .await
+            .context("the relay did not start")
     }
 
     /// Waits for `/readyz` to report `broker_connected` (connected, topology declared, the
     /// bench's queue among it), so that a purge or a consumer finds the queue. Readiness alone
     /// does not wait for the broker: events wait in the outbox meanwhile.
     pub(crate) async fn wait_connected(&self) -> Result<()> {
+        self.wait_for("/readyz", |_, body| {
+            body["broker_connected"] == serde_json::Value::Bool(true)
+        })
+        .await
+        .context("the relay did not connect to the broker and declare its topology")
+    }
+
+    /// Polls an admin endpoint every 100 ms, for up to a minute, until `done` holds for its
+    /// status and JSON body (`Null` when the body is not JSON).
+    async fn wait_for(
+        &self,
+        path: &str,
+        done: fn(reqwest::StatusCode, &serde_json::Value) -> bool,
+    ) -> Result<()> {
         for _ in 0..600 {
-            if let Ok(r) = self
-                .client
-                .get(format!("http://127.0.0.1:{}/readyz", self.admin))
-                .send()
-                .await
-            {
-                if let Ok(ready) = r.json::<serde_json::Value>().await {
-                    if ready["broker_connected"] == serde_json::Value::Bool(true) {
-                        return Ok(());
-                    }
+            let url = format!("http://127.0.0.1:{}{path}", self.admin);
+            if let Ok(r) = self.client.get(url).send().await {
+                let status = r.status();
+                let body = r.json().await.unwrap_or(serde_json::Value::Null);
+                if done(status, &body) {
+                    return Ok(());
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        bail!("the relay did not connect to the broker and declare its topology")
+        bail!("{path} did not answer as awaited within a minute")
     }
 
     pub(crate) async fn outbox(&self) -> Result<u64> {
