@@ -106,12 +106,11 @@ impl Store {
         queries::is_durable_duplicate(&self.inner.slot, keys)
     }
 
-    /// Stores `record` under its dedup keys, once, and returns when that is durable. The
-    /// writer finds a duplicate itself; a caller that wants to answer a durable one without
-    /// the writer asks [`Store::is_durable_duplicate`] first (the ingress does, before it
-    /// builds the record), so it is not asked twice here: every sled read waits while the
-    /// writer's transaction holds sled's global lock.
+    /// Stores `record` under its dedup keys, once, and returns when that is durable.
     pub async fn accept(&self, record: OutboxRecord) -> Result<Stored, StoreError> {
+        if self.is_durable_duplicate(&record.dedup_keys())? {
+            return Ok(Stored::Duplicate);
+        }
         self.inner.writer.accept(record).await
     }
 
