@@ -3,6 +3,7 @@
 //! entries and sequence-number keys. A leaf: the writer, the maintenance and the queries all
 //! read and write through these, and none of them through each other.
 
+use super::bodies::BodyLog;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sled::transaction::{TransactionError, TransactionalTree, UnabortableTransactionError};
@@ -134,12 +135,13 @@ pub fn encode_archived(published_at_ms: u64, attempts: u32, outbox_bytes: &[u8])
     out
 }
 
-pub fn decode_archived(bytes: &[u8]) -> Result<Archived, RecordError> {
+/// An archived event, its record read through `bodies` when the entry holds a reference.
+pub fn decode_archived(bytes: &[u8], bodies: &BodyLog) -> Result<Archived, RecordError> {
     match bytes.split_first() {
         Some((&ARCHIVE_VERSION, rest)) if rest.len() >= ARCHIVE_HEADER - 1 => Ok(Archived {
             published_at_ms: u64::from_be_bytes(rest[..8].try_into().expect("8 bytes")),
             attempts: u32::from_be_bytes(rest[8..12].try_into().expect("4 bytes")),
-            record: OutboxRecord::decode(&rest[12..])?,
+            record: OutboxRecord::decode(&bodies.resolve(&rest[12..])?)?,
         }),
         Some((&ARCHIVE_VERSION, _)) => Err(RecordError::Corrupt("short archive entry".into())),
         Some((&other, _)) => Err(RecordError::UnknownVersion(other)),
@@ -249,11 +251,17 @@ mod tests {
             delivery_id: None,
             trace: None,
         };
+        let dir = tempfile::tempdir().unwrap();
+        let bodies = BodyLog::open(dir.path()).unwrap();
         let entry = encode_archived(7, 3, &record.encode());
-        let archived = decode_archived(&entry).unwrap();
+        let archived = decode_archived(&entry, &bodies).unwrap();
         assert_eq!((archived.published_at_ms, archived.attempts), (7, 3));
         assert_eq!(archived.record.key, "k");
-        assert!(decode_archived(&entry[..5]).is_err());
-        assert!(decode_archived(&[]).is_err());
+        assert!(decode_archived(&entry[..5], &bodies).is_err());
+        assert!(decode_archived(&[], &bodies).is_err());
+        // An entry holding a reference into the body log reads the record from there.
+        let reference = bodies.append(1, &[&record.encode()]).unwrap();
+        let entry = encode_archived(8, 1, &reference[0]);
+        assert_eq!(decode_archived(&entry, &bodies).unwrap().record, record);
     }
 }

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::watch;
 
+use super::bodies::BodyLog;
 use super::codec::{decode_count, ARCHIVE_COUNT, DEDUP_COUNT, OUTBOX_COUNT, QUARANTINE_COUNT};
 use super::disk::{self, DataDir};
 use super::error::StoreError;
@@ -28,6 +29,8 @@ pub struct Database {
     /// Outbox records the relay could not publish: see [`super::maintenance::quarantine`].
     pub quarantine: sled::Tree,
     pub meta: sled::Tree,
+    /// The outbox records that sled holds references to (see [`super::bodies`]).
+    pub bodies: BodyLog,
 }
 
 impl Database {
@@ -159,6 +162,8 @@ pub fn open_database(options: &StoreOptions) -> Result<(Database, Counts), Store
         .path(&options.data_dir)
         .cache_capacity(options.cache_size)
         .open()?;
+    // Before the data directory's first sync, which then covers `bodies/` and its entry.
+    let bodies = BodyLog::open(&options.data_dir).map_err(unwritable)?;
     let data_dir = DataDir::open(&options.data_dir).map_err(unwritable)?;
     let dedup = db.open_tree("dedup")?;
     let dedup_by_time = db.open_tree("dedup_by_time")?;
@@ -181,6 +186,7 @@ pub fn open_database(options: &StoreOptions) -> Result<(Database, Counts), Store
         archive,
         quarantine,
         meta,
+        bodies,
     };
     database.make_durable().map_err(StoreError::Unwritable)?;
     Ok((database, counts))

@@ -20,8 +20,8 @@ use sled::Transactional;
 
 use super::codec::{
     add_count, cutoff_ms, decode_archived, decode_keys, encode_archived, encode_quarantined,
-    seq_key, transaction_error, unix_millis, DedupEntry, TimeIndexKey, ARCHIVE_COUNT, DEDUP_COUNT,
-    OUTBOX_COUNT, QUARANTINE_COUNT,
+    seq_key, seq_of, transaction_error, unix_millis, DedupEntry, TimeIndexKey, ARCHIVE_COUNT,
+    DEDUP_COUNT, OUTBOX_COUNT, QUARANTINE_COUNT,
 };
 use super::database::Slot;
 use super::error::StoreError;
@@ -78,18 +78,37 @@ pub fn archive_published(slot: &Slot, confirmed: &[Confirmed]) -> Result<u64, St
 /// Moves an outbox record the relay cannot publish to the quarantine, byte for byte, with the
 /// reason; false if it is no longer in the outbox. Unsynced like the archive moves: a move lost
 /// in a power cut leaves the record in the outbox, where the relay finds it unpublishable again.
+///
+/// The quarantine keeps the record itself, read from the body log if the outbox held a
+/// reference (a reference that does not resolve is kept as it is): a quarantined event may
+/// stay for long, and must not keep old segments of the body log alive.
 pub fn quarantine(slot: &Slot, seq: u64, reason: &str) -> Result<bool, StoreError> {
     let database = slot.database()?;
     let quarantined_at_ms = unix_millis(SystemTime::now());
     let key = seq_key(seq);
+    // Read outside the transaction, which may run more than once: no I/O inside it.
+    let Some(stored) = database.outbox.get(&key[..])? else {
+        return Ok(false);
+    };
+    let record = database
+        .bodies
+        .resolve(&stored)
+        .map(|r| r.into_owned())
+        .unwrap_or_else(|_| stored.to_vec());
     let moved = (&database.outbox, &database.quarantine, &database.meta)
         .transaction(|(outbox, quarantine, meta)| {
             let Some(bytes) = outbox.remove(&key[..])? else {
                 return Ok(false);
             };
+            // Only the relay moves records out of the outbox, so this is what was read above.
+            let kept = if bytes == stored {
+                &record[..]
+            } else {
+                &bytes[..]
+            };
             quarantine.insert(
                 &key[..],
-                encode_quarantined(quarantined_at_ms, reason, &bytes),
+                encode_quarantined(quarantined_at_ms, reason, kept),
             )?;
             add_count(meta, OUTBOX_COUNT, -1)?;
             add_count(meta, QUARANTINE_COUNT, 1)?;
@@ -158,7 +177,7 @@ pub fn sweep_archive(slot: &Slot, retention: Duration) -> Result<u64, StoreError
         let mut reached_live = false;
         for item in database.archive.iter().take(SWEEP_BATCH) {
             let (key, bytes) = item?;
-            let record = decode_archived(&bytes)?.record;
+            let record = decode_archived(&bytes, &database.bodies)?.record;
             if record.received_at_ms >= cutoff_ms {
                 reached_live = true;
                 break;
@@ -257,4 +276,44 @@ fn sweep(slot: &Slot) {
         Ok(removed) => tracing::info!(removed, "expired archived events swept"),
         Err(e) => tracing::error!(error = %e, "archive sweep failed"),
     }
+    match remove_unreferenced_bodies(slot) {
+        Ok(0) => {}
+        Ok(removed) => tracing::info!(removed, "body log segments removed"),
+        Err(e) => tracing::error!(error = %e, "body log cleanup failed"),
+    }
+}
+
+/// Deletes the body log's segments that neither the outbox nor the archive refers to any
+/// more; returns how many.
+///
+/// The moves and sweeps that freed them are unsynced, so the store is made durable first: a
+/// power cut must not bring back a reference (an archive move lost, say) to a segment already
+/// gone. The outbox is read before the archive, because records move from the first to the
+/// second: read the other way round, a record moved in between would be missed by both.
+pub fn remove_unreferenced_bodies(slot: &Slot) -> Result<usize, StoreError> {
+    let database = slot.database()?;
+    let first = |tree: &sled::Tree| -> Result<u64, StoreError> {
+        Ok(match tree.first()? {
+            Some((key, _)) => seq_of(&key)?,
+            None => u64::MAX,
+        })
+    };
+    let in_outbox = first(&database.outbox)?;
+    let in_archive = first(&database.archive)?;
+    let lowest_live = in_outbox
+        .min(in_archive)
+        .min(slot.durable.borrow().saturating_add(1));
+    let body_log = |e: std::io::Error| StoreError::Unwritable(format!("body log: {e}"));
+    if !database
+        .bodies
+        .has_segments_below(lowest_live)
+        .map_err(body_log)?
+    {
+        return Ok(0);
+    }
+    if let Err(reason) = database.make_durable() {
+        slot.retire();
+        return Err(StoreError::Unwritable(reason));
+    }
+    database.bodies.remove_below(lowest_live).map_err(body_log)
 }

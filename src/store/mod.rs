@@ -7,22 +7,26 @@
 //! - `meta`: the counts of outbox records, dedup keys and archived events, kept in the same
 //!   transactions as the writes and deletes they count, so that a start never has to scan a
 //!   million entries (a scan measured 170 MB of extra peak memory with 1M events waiting).
-//! - `outbox`: sequence number (big-endian) → [`OutboxRecord`]. The relay reads it in order.
+//! - `outbox`: sequence number (big-endian) → a reference to the event's [`OutboxRecord`] in
+//!   the [`bodies`] log (or, for redelivered events and databases written before it, the
+//!   record itself). The relay reads it in order.
 //! - `archive`: sequence number → published event, kept for `archive_retention` for the admin
 //!   API. A confirmed event moves here under the same sequence number.
 //! - `quarantine`: sequence number → an outbox record the relay could not publish (it does not
 //!   decode, or the broker refused it for good), byte for byte with the reason, until an
 //!   operator puts it back; everything behind it is published meanwhile.
 //!
-//! The modules, leaves first: [`codec`] (keys and values on disk) and [`record`]; `database`
+//! The modules, leaves first: [`codec`] (keys and values on disk), [`record`] and [`bodies`]
+//! (the records' own segment files); `database`
 //! (sled and its trees, and the slot that outlives a reopening); then the three that use them
 //! and never each other's internals: the [`writer`] thread, the `maintenance` thread and
 //! functions, and the read-side `queries`. [`Store`] is the handle over all of them.
 //!
 //! Who writes what:
 //! - **Everything that must be durable before it is answered goes through the writer**: new
-//!   events (dedup key, time-index entry and outbox record in **one sled transaction**, so
-//!   there is never a dedup key without its event) and redeliveries. It commits whatever is
+//!   events (their records appended to the body log and synced first, then dedup key,
+//!   time-index entry and the outbox's reference in **one sled transaction**, so there is
+//!   never a dedup key without its event) and redeliveries. It commits whatever is
 //!   waiting as one batch, makes it durable with one flush and sync, and only then answers: a
 //!   2xx never stands on memory alone. It assigns sequence numbers in commit order, so the
 //!   relay can read the outbox as a log, and it alone reopens the database after a disk error.
@@ -32,6 +36,7 @@
 //!
 //! A duplicate whose original is already durable is answered without the writer.
 
+mod bodies;
 mod codec;
 mod database;
 mod disk;
@@ -195,6 +200,12 @@ impl Store {
     /// Removes archived events first received before `now - retention`; returns how many.
     pub fn sweep_archive(&self, retention: Duration) -> Result<u64, StoreError> {
         maintenance::sweep_archive(&self.inner.slot, retention)
+    }
+
+    /// Deletes the body log's segments that nothing refers to any more; returns how many. The
+    /// maintenance thread does this after every sweep; this is for tests and tools.
+    pub fn remove_unreferenced_bodies(&self) -> Result<usize, StoreError> {
+        maintenance::remove_unreferenced_bodies(&self.inner.slot)
     }
 
     pub fn stats(&self) -> StoreStats {

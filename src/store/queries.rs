@@ -4,11 +4,13 @@
 //!
 //! A confirmed event moves from `outbox` to `archive` under the same sequence number, so an
 //! event is always in exactly one of the two, and its dedup entry (key → sequence number)
-//! finds it in either.
+//! finds it in either. Both hold either the record or a reference into the body log, which
+//! every read resolves (see [`super::bodies`]).
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
+use super::bodies::BodyLog;
 use super::codec::{decode_archived, decode_quarantined, seq_key, seq_of, unix_millis, DedupEntry};
 use super::database::{Database, Slot};
 use super::error::StoreError;
@@ -90,8 +92,8 @@ pub struct EventView {
 
 impl EventView {
     /// An outbox record, still waiting for the broker.
-    fn pending(seq: u64, outbox_bytes: &[u8]) -> Result<Self, RecordError> {
-        let record = OutboxRecord::decode(outbox_bytes)?;
+    fn pending(seq: u64, outbox_bytes: &[u8], bodies: &BodyLog) -> Result<Self, RecordError> {
+        let record = OutboxRecord::decode(&bodies.resolve(outbox_bytes)?)?;
         Ok(Self {
             seq,
             status: EventStatus::Pending,
@@ -102,8 +104,8 @@ impl EventView {
     }
 
     /// An archive entry: confirmed by the broker.
-    fn published(seq: u64, archive_bytes: &[u8]) -> Result<Self, RecordError> {
-        let archived = decode_archived(archive_bytes)?;
+    fn published(seq: u64, archive_bytes: &[u8], bodies: &BodyLog) -> Result<Self, RecordError> {
+        let archived = decode_archived(archive_bytes, bodies)?;
         Ok(Self {
             seq,
             status: EventStatus::Published,
@@ -228,7 +230,11 @@ pub fn outbox_after(
     {
         let (k, v) = item?;
         let seq = seq_of(&k)?;
-        match OutboxRecord::decode(&v) {
+        let record = database
+            .bodies
+            .resolve(&v)
+            .and_then(|bytes| OutboxRecord::decode(&bytes));
+        match record {
             Ok(record) => read.entries.push(OutboxEntry { seq, record }),
             Err(e) => read.unreadable.push(Unreadable {
                 seq,
@@ -264,10 +270,10 @@ pub fn list_quarantined(
 /// The event at `seq`, wherever it is.
 pub fn event_at(database: &Database, seq: u64) -> Result<Option<EventView>, StoreError> {
     if let Some(bytes) = database.outbox.get(seq_key(seq))? {
-        return Ok(Some(EventView::pending(seq, &bytes)?));
+        return Ok(Some(EventView::pending(seq, &bytes, &database.bodies)?));
     }
     match database.archive.get(seq_key(seq))? {
-        Some(bytes) => Ok(Some(EventView::published(seq, &bytes)?)),
+        Some(bytes) => Ok(Some(EventView::published(seq, &bytes, &database.bodies)?)),
         None => Ok(None),
     }
 }
@@ -323,10 +329,10 @@ pub fn list_events(database: &Database, query: &EventQuery) -> Result<EventPage,
         };
         let view = if take_pending {
             let (key, bytes) = pending.next().expect("peeked")?;
-            EventView::pending(seq_of(&key)?, &bytes)?
+            EventView::pending(seq_of(&key)?, &bytes, &database.bodies)?
         } else {
             let (key, bytes) = published.next().expect("peeked")?;
-            EventView::published(seq_of(&key)?, &bytes)?
+            EventView::published(seq_of(&key)?, &bytes, &database.bodies)?
         };
         scanned += 1;
         last = Some(view.seq);
@@ -353,7 +359,7 @@ pub fn archived_matching(database: &Database, query: &EventQuery) -> Result<Vec<
     let mut seqs = Vec::new();
     for item in database.archive.iter() {
         let (key, bytes) = item?;
-        if query.matches(&decode_archived(&bytes)?.record) {
+        if query.matches(&decode_archived(&bytes, &database.bodies)?.record) {
             seqs.push(seq_of(&key)?);
         }
     }
@@ -364,8 +370,11 @@ pub fn stats(slot: &Slot) -> StoreStats {
     let oldest = slot
         .database()
         .ok()
-        .and_then(|database| database.outbox.first().ok().flatten())
-        .and_then(|(_, v)| OutboxRecord::decode(&v).ok())
+        .and_then(|database| {
+            let (_, v) = database.outbox.first().ok().flatten()?;
+            let bytes = database.bodies.resolve(&v).ok()?;
+            OutboxRecord::decode(&bytes).ok()
+        })
         .map(|r| {
             let now = unix_millis(SystemTime::now());
             Duration::from_millis(now.saturating_sub(r.received_at_ms))

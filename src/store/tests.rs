@@ -323,3 +323,97 @@ async fn the_archive_sweep_removes_only_old_events_and_survives_a_reopen() {
         .unwrap();
     assert_eq!(matched.len(), 1);
 }
+
+/// The segment files of the body log under `dir`.
+fn segments(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join("bodies")).unwrap().count()
+}
+
+#[tokio::test]
+async fn records_live_in_the_body_log_and_their_segments_go_once_nothing_refers_to_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = unix_millis(SystemTime::now());
+    // Every open starts a segment of its own: three opens, three segments.
+    for (key, received_at_ms) in [("old", now - 3_600_000), ("new", now), ("newer", now)] {
+        let store = open(dir.path(), 10);
+        assert_eq!(
+            store.accept(record(key, received_at_ms)).await.unwrap(),
+            Stored::New
+        );
+        // sled holds a reference, not the record.
+        let database = store.inner.slot.database().unwrap();
+        let (_, value) = database.outbox.last().unwrap().unwrap();
+        assert_eq!(value.len(), bodies::REFERENCE_LEN);
+        drop(database);
+        store.close();
+    }
+    assert_eq!(segments(dir.path()), 3);
+    let store = open(dir.path(), 10);
+    let pending = store.outbox_after(None, 10).unwrap().entries;
+    let keys: Vec<_> = pending.iter().map(|e| e.record.key.as_str()).collect();
+    assert_eq!(keys, ["old", "new", "newer"]);
+    // Nothing is removed while the outbox still refers to the oldest segment.
+    assert_eq!(store.remove_unreferenced_bodies().unwrap(), 0);
+    let confirmed: Vec<Confirmed> = pending
+        .iter()
+        .map(|e| Confirmed {
+            seq: e.seq,
+            attempts: 1,
+        })
+        .collect();
+    store.archive_published(&confirmed).unwrap();
+    // Archived, the oldest is still referred to; swept, it is not.
+    assert_eq!(store.remove_unreferenced_bodies().unwrap(), 0);
+    assert_eq!(store.sweep_archive(Duration::from_secs(60)).unwrap(), 1);
+    assert_eq!(store.remove_unreferenced_bodies().unwrap(), 1);
+    assert_eq!(segments(dir.path()), 2);
+    let kept = store.find_event("new").unwrap().expect("still archived");
+    assert_eq!(kept.record.body, record("new", now).body);
+    store.close();
+    drop(store);
+    let store = open(dir.path(), 10);
+    assert_eq!(
+        store
+            .list_events(&EventQuery {
+                limit: 10,
+                ..EventQuery::default()
+            })
+            .unwrap()
+            .events
+            .len(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn a_quarantined_record_keeps_its_body_when_its_segment_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = unix_millis(SystemTime::now());
+    for key in ["refused", "published"] {
+        let store = open(dir.path(), 10);
+        assert_eq!(store.accept(record(key, now)).await.unwrap(), Stored::New);
+        store.close();
+    }
+    let store = open(dir.path(), 10);
+    let pending = store.outbox_after(None, 10).unwrap().entries;
+    assert!(store
+        .quarantine(pending[0].seq, "refused by the broker")
+        .unwrap());
+    store
+        .archive_published(&[Confirmed {
+            seq: pending[1].seq,
+            attempts: 1,
+        }])
+        .unwrap();
+    assert_eq!(store.remove_unreferenced_bodies().unwrap(), 1);
+    let quarantined = store.list_quarantined(None, 10).unwrap();
+    let record = quarantined[0].record.as_ref().expect("the record itself");
+    assert_eq!(record.key, "refused");
+    // Put back, it is published like any other.
+    store
+        .redeliver(vec![pending[0].seq], Shelf::Quarantine)
+        .await
+        .unwrap();
+    let again = store.outbox_after(None, 10).unwrap().entries;
+    assert_eq!(again[0].record.key, "refused");
+}

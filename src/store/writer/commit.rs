@@ -42,11 +42,7 @@ pub(super) fn commit(
     if new.is_empty() {
         return outcomes;
     }
-    if let Err(e) = write_new(slot, database, batch, &new) {
-        let reason = match e {
-            TransactionError::Abort(()) => "transaction aborted".to_string(),
-            TransactionError::Storage(e) => e.to_string(),
-        };
+    if let Err(reason) = write_new(slot, database, batch, &new) {
         for event in &new {
             outcomes[event.index] = Err(StoreError::Unwritable(reason.clone()));
         }
@@ -98,13 +94,22 @@ fn sort_out(
     (outcomes, new)
 }
 
-/// The new events' dedup keys, outbox records, time-index entry and counts, in one transaction.
+/// The new events' records into the body log, synced, then their dedup keys, references to
+/// those records, time-index entry and counts in one transaction (see [`bodies`] for why in
+/// that order).
+///
+/// [`bodies`]: crate::store::bodies
 fn write_new(
     slot: &Slot,
     database: &Database,
     batch: &[(OutboxRecord, Reply)],
     new: &[NewEvent],
-) -> Result<(), TransactionError<()>> {
+) -> Result<(), String> {
+    let records: Vec<&[u8]> = new.iter().map(|n| n.encoded.as_slice()).collect();
+    let references = database
+        .bodies
+        .append(new[0].seq, &records)
+        .map_err(|e| format!("body log: {e}"))?;
     let newest_ms = new
         .iter()
         .map(|n| batch[n.index].0.received_at_ms)
@@ -124,22 +129,27 @@ fn write_new(
         &database.outbox,
         &database.meta,
     );
-    trees.transaction(|(dedup, by_time, outbox, meta)| {
-        for event in new {
-            let entry = DedupEntry {
-                received_at_ms: batch[event.index].0.received_at_ms,
-                seq: event.seq,
-            };
-            for key in &event.keys {
-                dedup.insert(key.as_bytes(), &entry.encode()[..])?;
+    trees
+        .transaction(|(dedup, by_time, outbox, meta)| {
+            for (event, reference) in new.iter().zip(&references) {
+                let entry = DedupEntry {
+                    received_at_ms: batch[event.index].0.received_at_ms,
+                    seq: event.seq,
+                };
+                for key in &event.keys {
+                    dedup.insert(key.as_bytes(), &entry.encode()[..])?;
+                }
+                outbox.insert(&seq_key(event.seq)[..], &reference[..])?;
             }
-            outbox.insert(&seq_key(event.seq)[..], event.encoded.as_slice())?;
-        }
-        by_time.insert(&index_key[..], index_value.as_slice())?;
-        add_count(meta, OUTBOX_COUNT, added_events)?;
-        add_count(meta, DEDUP_COUNT, added_keys)?;
-        Ok::<_, ConflictableTransactionError<()>>(())
-    })?;
+            by_time.insert(&index_key[..], index_value.as_slice())?;
+            add_count(meta, OUTBOX_COUNT, added_events)?;
+            add_count(meta, DEDUP_COUNT, added_keys)?;
+            Ok::<_, ConflictableTransactionError<()>>(())
+        })
+        .map_err(|e| match e {
+            TransactionError::Abort(()) => "transaction aborted".to_string(),
+            TransactionError::Storage(e) => e.to_string(),
+        })?;
     slot.outbox_len
         .fetch_add(added_events as u64, Ordering::Relaxed);
     slot.dedup_len

@@ -12,7 +12,7 @@ use crate::store::codec::{
 };
 use crate::store::database::{Database, Slot};
 use crate::store::error::StoreError;
-use crate::store::record::OutboxRecord;
+use crate::store::record::{OutboxRecord, RecordError};
 
 /// Moves archived (or quarantined) events back into the outbox under new sequence numbers,
 /// marked as redelivered, in one transaction; their dedup entries follow them so the admin API
@@ -41,6 +41,18 @@ pub(super) fn put_back(
         Shelf::Archive => (&database.archive, ARCHIVE_COUNT, &slot.archive_len),
         Shelf::Quarantine => (&database.quarantine, QUARANTINE_COUNT, &slot.quarantine_len),
     };
+    // The archived records, read (through the body log) before the transaction, which may run
+    // more than once: no I/O inside it. Only this thread takes entries off the shelves but the
+    // sweeps, which only remove, so what the transaction finds is what was read here.
+    let mut archived = std::collections::HashMap::new();
+    if from == Shelf::Archive {
+        for old in seqs {
+            if let Some(bytes) = shelf.get(seq_key(*old))? {
+                let entry = decode_archived(&bytes, &database.bodies)?;
+                archived.insert(*old, (entry.attempts, entry.record));
+            }
+        }
+    }
     let trees = (shelf, &database.outbox, &database.dedup, &database.meta);
     let outcomes = trees
         .transaction(|(shelf, outbox, dedup, meta)| {
@@ -59,10 +71,16 @@ pub(super) fn put_back(
                 };
                 let abort = |e| ConflictableTransactionError::Abort(StoreError::Record(e));
                 let record = match from {
-                    Shelf::Archive => {
-                        let archived = decode_archived(&bytes).map_err(abort)?;
-                        Ok((archived.attempts, archived.record))
-                    }
+                    Shelf::Archive => match archived.get(old) {
+                        Some((attempts, record)) => Ok((*attempts, record.clone())),
+                        // Archived after the read above: cannot happen (see there). Refused
+                        // rather than read here, inside a closure that may run again.
+                        None => {
+                            return Err(abort(RecordError::Corrupt(
+                                "an archive entry appeared while it was put back".into(),
+                            )))
+                        }
+                    },
                     Shelf::Quarantine => {
                         let quarantined = decode_quarantined(&bytes).map_err(abort)?;
                         match OutboxRecord::decode(&quarantined.outbox_bytes) {
