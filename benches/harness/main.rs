@@ -167,6 +167,10 @@ async fn ingest_only(work: &Path) -> Result<(Row, WrkResult)> {
     relay.wait_healthy().await?;
     let base = wrk_new(work, baseline_port, "base", seconds(10))?;
     let ingest = wrk_new(work, relay.port, "ingest", seconds(8))?;
+    println!(
+        "  relay peak RSS while ingesting: {} MB",
+        relay.peak_rss_mb()
+    );
     relay.stop()?;
     Ok((ingest_row(&ingest, &base), ingest))
 }
