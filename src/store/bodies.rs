@@ -26,8 +26,8 @@
 //! **Removal.** References live in the outbox and the archive, under the sequence number of the
 //! event; events put back get their record inline and the quarantine keeps its own copy. So a
 //! segment whose successor starts at or below the lowest sequence number left in those two
-//! trees is referenced by nobody: [`BodyLog::remove_below`] deletes it (the maintenance thread,
-//! after each sweep).
+//! trees is referenced by nobody: [`BodyLog::unreferenced`] finds it and [`BodyLog::remove`]
+//! deletes it (the maintenance thread, after each sweep).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -117,13 +117,12 @@ impl BodyLog {
             buffer.extend_from_slice(record);
             references.push(encode_reference(segment.id, offset, len, crc));
         }
-        let written = segment.file.write_all(&buffer);
-        // Counted even after a failed write: whatever part of it landed is never reused.
-        segment.len += buffer.len() as u64;
-        if let Err(e) = written {
+        if let Err(e) = segment.file.write_all(&buffer) {
+            // Nothing more goes into a segment whose write failed part way.
             *active = None;
             return Err(e);
         }
+        segment.len += buffer.len() as u64;
         if !cfg!(kallina_relay_skip_sync) {
             // The power-loss campaign's control build skips this as it skips every sync.
             if let Err(e) = segment.file.sync_data().and_then(|()| {
@@ -163,41 +162,35 @@ impl BodyLog {
         Ok(Cow::Owned(record))
     }
 
-    /// Deletes every segment whose events all have sequence numbers below `lowest_live` (none
-    /// of them is referenced any more); never the one being appended to. Returns how many.
-    pub fn remove_below(&self, lowest_live: u64) -> io::Result<usize> {
-        let active = self
-            .active
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|a| a.id);
+    /// The segments whose events all have sequence numbers below `lowest_live`, so that
+    /// nothing refers to them any more, oldest first.
+    ///
+    /// A segment holds numbers below its successor's first, so it qualifies if that successor
+    /// starts at or below `lowest_live`. The newest segment, the only one appended to, has no
+    /// successor and never qualifies.
+    pub fn unreferenced(&self, lowest_live: u64) -> io::Result<Vec<u64>> {
         let segments = self.segments()?;
-        let mut removed = 0;
-        // A segment holds numbers below its successor's first: it is unreferenced if that
-        // successor starts at or below the lowest live number.
-        for pair in segments.windows(2) {
-            let (segment, next) = (pair[0], pair[1]);
-            if next > lowest_live || Some(segment) == active {
-                break;
-            }
+        Ok(segments
+            .windows(2)
+            .take_while(|pair| pair[1] <= lowest_live)
+            .map(|pair| pair[0])
+            .collect())
+    }
+
+    /// Deletes `segments` (from [`unreferenced`](Self::unreferenced)) and syncs the directory.
+    pub fn remove(&self, segments: &[u64]) -> io::Result<()> {
+        for segment in segments {
             self.readers
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .remove(&segment);
-            std::fs::remove_file(self.path_of(segment))?;
-            removed += 1;
+                .remove(segment);
+            std::fs::remove_file(self.path_of(*segment))?;
         }
-        if removed > 0 {
-            sync_dir(&self.dir)?;
+        if segments.is_empty() {
+            Ok(())
+        } else {
+            sync_dir(&self.dir)
         }
-        Ok(removed)
-    }
-
-    /// True if [`remove_below`](Self::remove_below) would remove something.
-    pub fn has_segments_below(&self, lowest_live: u64) -> io::Result<bool> {
-        let segments = self.segments()?;
-        Ok(segments.windows(2).any(|pair| pair[1] <= lowest_live))
     }
 
     /// The segments on disk, oldest first.
@@ -312,10 +305,12 @@ mod tests {
         }
         let log = BodyLog::open(dir.path()).unwrap();
         // 15 is live: segment 10 (10..20) still holds it, segment 1 (1..10) is free.
-        assert_eq!(log.remove_below(15).unwrap(), 1);
+        assert_eq!(log.unreferenced(15).unwrap(), vec![1]);
+        log.remove(&[1]).unwrap();
         assert_eq!(log.segments().unwrap(), vec![10, 20]);
-        // The newest segment is never removed: later numbers may go into it.
-        assert_eq!(log.remove_below(u64::MAX).unwrap(), 1);
+        // The newest segment is never offered: later numbers may go into it.
+        assert_eq!(log.unreferenced(u64::MAX).unwrap(), vec![10]);
+        log.remove(&[10]).unwrap();
         assert_eq!(log.segments().unwrap(), vec![20]);
     }
 }

@@ -304,16 +304,17 @@ pub fn remove_unreferenced_bodies(slot: &Slot) -> Result<usize, StoreError> {
         .min(in_archive)
         .min(slot.durable.borrow().saturating_add(1));
     let body_log = |e: std::io::Error| StoreError::Unwritable(format!("body log: {e}"));
-    if !database
+    let unreferenced = database
         .bodies
-        .has_segments_below(lowest_live)
-        .map_err(body_log)?
-    {
+        .unreferenced(lowest_live)
+        .map_err(body_log)?;
+    if unreferenced.is_empty() {
         return Ok(0);
     }
     if let Err(reason) = database.make_durable() {
         slot.retire();
         return Err(StoreError::Unwritable(reason));
     }
-    database.bodies.remove_below(lowest_live).map_err(body_log)
+    database.bodies.remove(&unreferenced).map_err(body_log)?;
+    Ok(unreferenced.len())
 }
