@@ -3,7 +3,10 @@
 use std::process::ExitCode;
 
 // sled allocates for every node it rewrites; glibc's malloc showed as the hottest symbol of the
-// store writer under load, mimalloc took a measured share of that back.
+// store writer under load, mimalloc took a measured share of that back. It is built with
+// `no_thp` (Cargo.toml): otherwise it asks for transparent huge pages on its arenas, and every
+// 2 MiB page touched counts whole in RSS (55 MB of 67 at idle; 158-174 MB against 94-124 MB
+// ingesting, with the same throughput).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
