@@ -81,7 +81,7 @@ impl Application {
             App::new()
                 .wrap(from_fn(assign_request_id))
                 .app_data(ingress.clone())
-                .configure(ingress::routes)
+                .configure(|cfg| ingress.routes(cfg))
         })
         .workers(workers)
         .on_connect(ingress::remember_connection)

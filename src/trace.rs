@@ -9,8 +9,6 @@
 //!
 //! A leaf: it knows no stage. Spans are exported (when configured) by [`crate::telemetry`].
 
-use std::fmt::Write;
-
 use serde::{Deserialize, Serialize};
 
 /// The trace an event belongs to, and the relay's receive span in it.
@@ -112,14 +110,13 @@ fn valid_tracestate(header: &str) -> Option<String> {
 }
 
 fn random_hex(bytes: usize) -> String {
+    let mut raw = vec![0; bytes];
     loop {
-        let mut out = String::with_capacity(bytes * 2);
-        for _ in 0..bytes {
-            write!(out, "{:02x}", fastrand::u8(..)).expect("writing to a String");
-        }
+        fastrand::fill(&mut raw);
         // All zero is the one invalid value.
-        if out.bytes().any(|b| b != b'0') {
-            return out;
+        if raw.iter().any(|&b| b != 0) {
+            // Not `write!` per byte: formatting took ≈ 3 % of the relay's CPU (perf).
+            return hex::encode(&raw);
         }
     }
 }
