@@ -47,8 +47,6 @@ use opentelemetry::KeyValue;
 pub const WEBHOOK_PATH: &str = "/webhooks/kallina";
 /// Every source's path: `/webhooks/<segment>` (the route named in traces).
 const SOURCE_PATH: &str = "/webhooks/{source}";
-/// What comes before a source's segment in its path.
-const SOURCE_PREFIX: &str = "/webhooks/";
 /// Longest delivery id accepted as a dedup key.
 const MAX_ID_LEN: usize = 200;
 /// How long a sender should wait before retrying when the outbox is full (broker away).
@@ -58,7 +56,7 @@ const RETRY_AFTER_BRIEF: u32 = 5;
 
 /// What the webhook handler needs, shared by every worker.
 pub struct Ingress {
-    /// By the last segment of their path.
+    /// By their path ([`Source::path`]), which is also their route.
     sources: HashMap<String, Served>,
     pub max_body: usize,
     pub body_timeout: Duration,
@@ -104,7 +102,7 @@ impl Ingress {
                     source: source.clone(),
                     signature_matches,
                 };
-                (source.segment().to_string(), served)
+                (source.path(), served)
             })
             .collect();
         Self {
@@ -127,9 +125,9 @@ impl Ingress {
     /// `/webhooks/{source}`: actix-router matches a dynamic segment with a regex, and that
     /// took ≈ 5 % of the relay's CPU answering duplicates (perf).
     pub fn routes(&self, cfg: &mut web::ServiceConfig) {
-        for segment in self.sources.keys() {
+        for path in self.sources.keys() {
             cfg.service(
-                web::resource(format!("{SOURCE_PREFIX}{segment}"))
+                web::resource(path.as_str())
                     .route(web::post().to(receive))
                     .default_service(web::to(
                         |req: HttpRequest, ingress: web::Data<Ingress>| async move {
@@ -147,8 +145,7 @@ impl Ingress {
 
     /// The source whose path the request was posted to.
     fn source_of(&self, req: &HttpRequest) -> Option<&Served> {
-        self.sources
-            .get(req.match_info().as_str().strip_prefix(SOURCE_PREFIX)?)
+        self.sources.get(req.match_info().as_str())
     }
 }
 
