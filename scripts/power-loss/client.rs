@@ -198,12 +198,21 @@ async fn check_one(
 ) -> String {
     let body = body_of(args.seed, i, start, args.max_body);
     let key = key_of(&body);
-    let (get_code, status, same) = match http
-        .get(format!("{}/admin/events/{key}", args.admin_url))
-        .bearer_auth(token)
-        .send()
-        .await
-    {
+    // A request that got no answer at all (a reset or refused connection) says nothing about
+    // the store: it is asked again. Only what the relay answers can count an event as kept.
+    let url = format!("{}/admin/events/{key}", args.admin_url);
+    let mut attempts = 0;
+    let answer = loop {
+        attempts += 1;
+        match http.get(&url).bearer_auth(token).send().await {
+            Err(e) if attempts < 3 => {
+                say(format!("CHECK-RETRY {i} {e}"));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            answer => break answer,
+        }
+    };
+    let (get_code, status, same) = match answer {
         Ok(r) => {
             let code = r.status().as_u16();
             let view: Value = r.json().await.unwrap_or(Value::Null);
