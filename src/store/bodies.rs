@@ -55,6 +55,10 @@ pub struct BodyLog {
     active: Mutex<Option<Active>>,
     /// Read descriptors, by segment; dropped when the segment is removed.
     readers: Mutex<HashMap<u64, Arc<File>>>,
+    /// Held from finding unreferenced segments to deleting them: the maintenance thread's
+    /// sweep at open and a caller of `Store::remove_unreferenced_bodies` may otherwise pick the
+    /// same segments and report each other's removals as errors or count them twice.
+    removal: Mutex<()>,
 }
 
 struct Active {
@@ -76,7 +80,14 @@ impl BodyLog {
             dir,
             active: Mutex::new(None),
             readers: Mutex::new(HashMap::new()),
+            removal: Mutex::new(()),
         })
+    }
+
+    /// One removal at a time: hold this across [`unreferenced`](Self::unreferenced) and
+    /// [`remove`](Self::remove).
+    pub fn removal(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.removal.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Appends `records` (the first one numbered `first_seq`) in one write and makes them
@@ -178,13 +189,17 @@ impl BodyLog {
     }
 
     /// Deletes `segments` (from [`unreferenced`](Self::unreferenced)) and syncs the directory.
+    /// A segment already gone counts as removed: the aim is its absence.
     pub fn remove(&self, segments: &[u64]) -> io::Result<()> {
         for segment in segments {
             self.readers
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(segment);
-            std::fs::remove_file(self.path_of(*segment))?;
+            match std::fs::remove_file(self.path_of(*segment)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
         }
         if segments.is_empty() {
             Ok(())
@@ -310,6 +325,9 @@ mod tests {
         assert_eq!(log.segments().unwrap(), vec![10, 20]);
         // The newest segment is never offered: later numbers may go into it.
         assert_eq!(log.unreferenced(u64::MAX).unwrap(), vec![10]);
+        log.remove(&[10]).unwrap();
+        assert_eq!(log.segments().unwrap(), vec![20]);
+        // Removing what is already gone is not an error.
         log.remove(&[10]).unwrap();
         assert_eq!(log.segments().unwrap(), vec![20]);
     }

@@ -292,6 +292,7 @@ fn sweep(slot: &Slot) {
 /// second: read the other way round, a record moved in between would be missed by both.
 pub fn remove_unreferenced_bodies(slot: &Slot) -> Result<usize, StoreError> {
     let database = slot.database()?;
+    let _one_at_a_time = database.bodies.removal();
     let first = |tree: &sled::Tree| -> Result<u64, StoreError> {
         Ok(match tree.first()? {
             Some((key, _)) => seq_of(&key)?,

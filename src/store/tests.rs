@@ -365,7 +365,8 @@ async fn records_live_in_the_body_log_and_their_segments_go_once_nothing_refers_
     // Archived, the oldest is still referred to; swept, it is not.
     assert_eq!(store.remove_unreferenced_bodies().unwrap(), 0);
     assert_eq!(store.sweep_archive(Duration::from_secs(60)).unwrap(), 1);
-    assert_eq!(store.remove_unreferenced_bodies().unwrap(), 1);
+    // From here on the maintenance thread's sweep at open could remove it first.
+    store.remove_unreferenced_bodies().unwrap();
     assert_eq!(segments(dir.path()), 2);
     let kept = store.find_event("new").unwrap().expect("still archived");
     assert_eq!(kept.record.body, record("new", now).body);
@@ -405,7 +406,10 @@ async fn a_quarantined_record_keeps_its_body_when_its_segment_goes() {
             attempts: 1,
         }])
         .unwrap();
-    assert_eq!(store.remove_unreferenced_bodies().unwrap(), 1);
+    // The maintenance thread's sweep at open may get there first: count the files, not
+    // this call's removals.
+    store.remove_unreferenced_bodies().unwrap();
+    assert_eq!(segments(dir.path()), 1);
     let quarantined = store.list_quarantined(None, 10).unwrap();
     let record = quarantined[0].record.as_ref().expect("the record itself");
     assert_eq!(record.key, "refused");
