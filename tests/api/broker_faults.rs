@@ -33,6 +33,12 @@ async fn a_memory_alarm_blocks_publishing_without_reconnects_and_nothing_is_lost
         sent.push(sha256_hex(body.as_bytes()));
     }
     app.wait_outbox_empty().await;
+    // Counted here, not assumed to be 1: on a loaded machine a confirm of the first events
+    // may outlast the 2-s timeout on this fresh node, and that reconnect is not the point.
+    let connections_before = metric(
+        &app.metrics().await,
+        "kallina_relay_broker_connections_total",
+    );
 
     // The alarm blocks a connection when it next publishes: events are still accepted.
     broker.memory_alarm(true);
@@ -56,7 +62,7 @@ async fn a_memory_alarm_blocks_publishing_without_reconnects_and_nothing_is_lost
     let metrics = app.metrics().await;
     assert_eq!(
         metric(&metrics, "kallina_relay_broker_connections_total"),
-        1.0,
+        connections_before,
         "reconnected while blocked"
     );
     assert_eq!(app.readyz().await.1["broker"]["state"], "blocked");
