@@ -110,7 +110,7 @@ impl Metrics {
             ),
             store_commit_duration: histogram(
                 "kallina_relay_store_commit_duration_seconds",
-                "Time from the store transaction to its fsync, as a request waits for it",
+                "How long a request waits for the store: its batch's append to the body log and the fsync",
                 fast.clone(),
             ),
             event_age: histogram(

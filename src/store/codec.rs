@@ -74,6 +74,9 @@ pub const OUTBOX_COUNT: &[u8] = b"outbox_events";
 pub const DEDUP_COUNT: &[u8] = b"dedup_keys";
 pub const ARCHIVE_COUNT: &[u8] = b"archive_events";
 pub const QUARANTINE_COUNT: &[u8] = b"quarantined_events";
+/// In `meta`: the highest sequence number from the body log whose dedup keys and reference are
+/// in sled, written in the same transaction as they are (see `index`).
+pub const INDEXED_THROUGH: &[u8] = b"indexed_through";
 
 pub fn decode_count(bytes: &[u8]) -> u64 {
     bytes.try_into().map_or(0, u64::from_be_bytes)
@@ -260,7 +263,7 @@ mod tests {
         assert!(decode_archived(&entry[..5], &bodies).is_err());
         assert!(decode_archived(&[], &bodies).is_err());
         // An entry holding a reference into the body log reads the record from there.
-        let reference = bodies.append(1, &[&record.encode()]).unwrap();
+        let reference = bodies.append(&[(1, &record.encode())]).unwrap();
         let entry = encode_archived(8, 1, &reference[0]);
         assert_eq!(decode_archived(&entry, &bodies).unwrap().record, record);
     }

@@ -6,9 +6,11 @@
 //! the relay waits on, readiness, and the counts. Every other module of the store reaches the
 //! database through the slot, so nobody keeps using a database that was taken out of service.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -16,6 +18,7 @@ use super::bodies::BodyLog;
 use super::codec::{decode_count, ARCHIVE_COUNT, DEDUP_COUNT, OUTBOX_COUNT, QUARANTINE_COUNT};
 use super::disk::{self, DataDir};
 use super::error::StoreError;
+use super::index;
 use super::options::StoreOptions;
 
 /// sled, its trees, and the data directory it syncs.
@@ -48,8 +51,17 @@ pub struct Slot {
     /// A database taken out of service by a failed write or sync, kept until the reopen
     /// can wait for its last reader to let go of it.
     pub retired: Mutex<Option<Arc<Database>>>,
-    /// Every outbox sequence number at or below this is on disk; the relay reads up to it.
+    /// Every outbox sequence number at or below this is on disk and indexed in sled; the relay
+    /// reads up to it.
     pub durable: watch::Sender<u64>,
+    /// The highest sequence number the writer answered as new: its record is on disk, its
+    /// index entries may still be on their way to sled (see [`index`]).
+    pub committed: AtomicU64,
+    /// Dedup keys of committed events not yet indexed in sled, with their sequence numbers:
+    /// the writer's "seen before?" looks here too. Filled by the writer before it answers,
+    /// emptied by the index thread once sled has them, and by every install (whose open
+    /// replayed them into sled).
+    pub unindexed: Mutex<HashMap<String, u64>>,
     /// False from a failed write or sync until a reopen succeeds.
     pub writable: AtomicBool,
     pub outbox_len: AtomicU64,
@@ -69,6 +81,8 @@ impl Slot {
             current: RwLock::new(Some(Arc::new(database))),
             retired: Mutex::new(None),
             durable,
+            committed: AtomicU64::new(0),
+            unindexed: Mutex::new(HashMap::new()),
             writable: true.into(),
             outbox_len: AtomicU64::new(counts.outbox),
             dedup_len: AtomicU64::new(counts.dedup),
@@ -114,8 +128,35 @@ impl Slot {
         }
     }
 
+    /// Waits (a little) until sled indexes every event answered so far, so that a read after
+    /// an answer finds what was answered: the admin API's and the tools' reads, not the relay's
+    /// (which reads up to [`durable`](Self::durable)) nor the ingress's.
+    pub fn wait_indexed(&self) {
+        let target = self.committed.load(Ordering::Acquire);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while *self.durable.borrow() < target && self.is_writable() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// [`wait_indexed`](Self::wait_indexed) for async callers.
+    pub async fn indexed(&self) {
+        let target = self.committed.load(Ordering::Acquire);
+        let mut durable = self.durable.subscribe();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            durable.wait_for(|d| *d >= target || !self.is_writable()),
+        )
+        .await;
+    }
+
     /// Puts a freshly opened database into service with the counts it read.
     pub fn install(&self, database: Database, counts: Counts) {
+        // The open replayed every committed event into sled.
+        self.unindexed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         self.outbox_len.store(counts.outbox, Ordering::Relaxed);
         self.dedup_len.store(counts.dedup, Ordering::Relaxed);
         self.archive_len.store(counts.archive, Ordering::Relaxed);
@@ -171,12 +212,6 @@ pub fn open_database(options: &StoreOptions) -> Result<(Database, Counts), Store
     let archive = db.open_tree("archive")?;
     let quarantine = db.open_tree("quarantine")?;
     let meta = db.open_tree("meta")?;
-    let counts = Counts {
-        outbox: stored_count(&meta, OUTBOX_COUNT, &outbox)?,
-        dedup: stored_count(&meta, DEDUP_COUNT, &dedup)?,
-        archive: stored_count(&meta, ARCHIVE_COUNT, &archive)?,
-        quarantine: stored_count(&meta, QUARANTINE_COUNT, &quarantine)?,
-    };
     let database = Database {
         db,
         data_dir,
@@ -187,6 +222,14 @@ pub fn open_database(options: &StoreOptions) -> Result<(Database, Counts), Store
         quarantine,
         meta,
         bodies,
+    };
+    index::replay(&database)?;
+    let meta = &database.meta;
+    let counts = Counts {
+        outbox: stored_count(meta, OUTBOX_COUNT, &database.outbox)?,
+        dedup: stored_count(meta, DEDUP_COUNT, &database.dedup)?,
+        archive: stored_count(meta, ARCHIVE_COUNT, &database.archive)?,
+        quarantine: stored_count(meta, QUARANTINE_COUNT, &database.quarantine)?,
     };
     database.make_durable().map_err(StoreError::Unwritable)?;
     Ok((database, counts))

@@ -22,3 +22,10 @@ pub enum StoreError {
     #[error("the store is closed")]
     Closed,
 }
+
+/// The body log's own I/O errors: the disk refused a read or write the store needs.
+impl From<std::io::Error> for StoreError {
+    fn from(e: std::io::Error) -> Self {
+        StoreError::Unwritable(format!("body log: {e}"))
+    }
+}

@@ -17,19 +17,23 @@
 //!   operator puts it back; everything behind it is published meanwhile.
 //!
 //! The modules, leaves first: [`codec`] (keys and values on disk), [`record`] and [`bodies`]
-//! (the records' own segment files); `database`
+//! (the records' own segment files), [`index`] (what sled holds for a committed event, and
+//! the replay at open); `database`
 //! (sled and its trees, and the slot that outlives a reopening); then the three that use them
 //! and never each other's internals: the [`writer`] thread, the `maintenance` thread and
 //! functions, and the read-side `queries`. [`Store`] is the handle over all of them.
 //!
 //! Who writes what:
 //! - **Everything that must be durable before it is answered goes through the writer**: new
-//!   events (their records appended to the body log and synced first, then dedup key,
-//!   time-index entry and the outbox's reference in **one sled transaction**, so there is
-//!   never a dedup key without its event) and redeliveries. It commits whatever is
-//!   waiting as one batch, makes it durable with one flush and sync, and only then answers: a
-//!   2xx never stands on memory alone. It assigns sequence numbers in commit order, so the
-//!   relay can read the outbox as a log, and it alone reopens the database after a disk error.
+//!   events (their records appended to the body log and synced, then answered) and
+//!   redeliveries. It commits whatever is waiting as one batch with one sync: a 2xx never
+//!   stands on memory alone. It assigns sequence numbers in commit order, so the relay can read
+//!   the outbox as a log, and it alone reopens the database after a disk error.
+//! - **sled is an index over the body log, written by the writer's index thread** after the
+//!   answer: dedup keys, the outbox's reference, the time index and the counts in **one sled
+//!   transaction**, synced lazily; every open indexes again what a power cut took from it (see
+//!   [`index`]). A reference reaches sled only after its record is synced, so there is never a
+//!   dedup key without its event.
 //! - **Housekeeping goes through `maintenance`, unsynced on purpose**: moving confirmed
 //!   events to the archive and unpublishable ones to the quarantine (called by the relay), and
 //!   sweeping what outlived its retention (the store's own maintenance thread).
@@ -41,6 +45,7 @@ mod codec;
 mod database;
 mod disk;
 mod error;
+mod index;
 mod maintenance;
 pub mod options;
 mod queries;
@@ -119,6 +124,13 @@ impl Store {
         self.inner.writer.accept(record).await
     }
 
+    /// Resolves once sled indexes every event answered so far (or after a few seconds, or
+    /// once the store is out of service): for tests and tools that read the outbox as the
+    /// relay does, right after an answer.
+    pub async fn indexed(&self) {
+        self.inner.slot.indexed().await;
+    }
+
     /// Changes whenever more of the outbox becomes durable: the relay's wake-up call.
     pub fn durability(&self) -> watch::Receiver<u64> {
         self.inner.slot.durable.subscribe()
@@ -142,6 +154,7 @@ impl Store {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<QuarantinedView>, StoreError> {
+        self.inner.slot.wait_indexed();
         queries::list_quarantined(&*self.inner.slot.database()?, after, limit)
     }
 
@@ -154,6 +167,7 @@ impl Store {
     /// The event whose `message_id` (its body's hash) or delivery id is `id`, wherever it is.
     /// Blocking.
     pub fn find_event(&self, id: &str) -> Result<Option<EventView>, StoreError> {
+        self.inner.slot.wait_indexed();
         let database = self.inner.slot.database()?;
         match queries::seq_of_id(&database, id)? {
             Some(seq) => queries::event_at(&database, seq),
@@ -163,16 +177,19 @@ impl Store {
 
     /// A page of events matching `query`, oldest first. Blocking.
     pub fn list_events(&self, query: &EventQuery) -> Result<EventPage, StoreError> {
+        self.inner.slot.wait_indexed();
         queries::list_events(&*self.inner.slot.database()?, query)
     }
 
     /// Sequence numbers of the archived events a redrive would put back. Blocking.
     pub fn archived_matching(&self, query: &EventQuery) -> Result<Vec<u64>, StoreError> {
+        self.inner.slot.wait_indexed();
         queries::archived_matching(&*self.inner.slot.database()?, query)
     }
 
     /// Puts the event `id` back into the outbox, to be published again.
     pub async fn redeliver_event(&self, id: &str) -> Result<Redelivery, StoreError> {
+        self.inner.slot.indexed().await;
         let seq = queries::seq_of_id(&*self.inner.slot.database()?, id)?;
         let Some(seq) = seq else {
             return Ok(Redelivery::Missing);

@@ -52,6 +52,7 @@ async fn a_key_is_stored_once_and_read_back_in_order() {
         store.accept(record("b", now)).await.unwrap(),
         Stored::New
     ));
+    store.indexed().await;
     let pending = store.outbox_after(None, 10).unwrap().entries;
     let keys: Vec<_> = pending.iter().map(|e| e.record.key.as_str()).collect();
     assert_eq!(keys, ["a", "b"]);
@@ -139,6 +140,7 @@ async fn everything_survives_a_reopen_and_a_second_opener_is_refused() {
         store.accept(record("b", now)).await.unwrap(),
         Stored::New
     ));
+    store.indexed().await;
     assert_eq!(store.outbox_after(None, 10).unwrap().entries.len(), 2);
 }
 
@@ -147,6 +149,7 @@ async fn stored(store: &Store, records: Vec<OutboxRecord>, published: usize) {
     for r in records {
         assert_eq!(store.accept(r).await.unwrap(), Stored::New);
     }
+    store.indexed().await;
     let seqs: Vec<Confirmed> = store
         .outbox_after(None, 1000)
         .unwrap()
@@ -255,6 +258,7 @@ async fn redelivery_moves_an_event_back_once_and_keeps_it_findable() {
         panic!("a was archived");
     };
     // Durable and visible to the relay, marked, with its earlier attempts carried over.
+    store.indexed().await;
     let waiting = store.outbox_after(None, 10).unwrap().entries;
     let again = &waiting.iter().find(|e| e.seq == seq).unwrap().record;
     assert!(again.redelivered);
@@ -341,6 +345,7 @@ async fn records_live_in_the_body_log_and_their_segments_go_once_nothing_refers_
             Stored::New
         );
         // sled holds a reference, not the record.
+        store.indexed().await;
         let database = store.inner.slot.database().unwrap();
         let (_, value) = database.outbox.last().unwrap().unwrap();
         assert_eq!(value.len(), bodies::REFERENCE_LEN);
@@ -349,6 +354,7 @@ async fn records_live_in_the_body_log_and_their_segments_go_once_nothing_refers_
     }
     assert_eq!(segments(dir.path()), 3);
     let store = open(dir.path(), 10);
+    store.indexed().await;
     let pending = store.outbox_after(None, 10).unwrap().entries;
     let keys: Vec<_> = pending.iter().map(|e| e.record.key.as_str()).collect();
     assert_eq!(keys, ["old", "new", "newer"]);
@@ -396,6 +402,7 @@ async fn a_quarantined_record_keeps_its_body_when_its_segment_goes() {
         store.close();
     }
     let store = open(dir.path(), 10);
+    store.indexed().await;
     let pending = store.outbox_after(None, 10).unwrap().entries;
     assert!(store
         .quarantine(pending[0].seq, "refused by the broker")
@@ -418,6 +425,85 @@ async fn a_quarantined_record_keeps_its_body_when_its_segment_goes() {
         .redeliver(vec![pending[0].seq], Shelf::Quarantine)
         .await
         .unwrap();
+    store.indexed().await;
     let again = store.outbox_after(None, 10).unwrap().entries;
     assert_eq!(again[0].record.key, "refused");
+}
+
+/// Copies (or, with `restore`, puts back) everything sled keeps in `data`: all but the body
+/// log and the lock file.
+fn copy_sled_files(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        if name == "bodies" || name == "kallina-relay.lock" {
+            continue;
+        }
+        if entry.file_type().unwrap().is_dir() {
+            copy_sled_files(&entry.path(), &to.join(&name));
+        } else {
+            std::fs::copy(entry.path(), to.join(&name)).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn events_sled_lost_after_their_answer_are_indexed_again_from_the_body_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let saved = dir.path().join("sled-before");
+    let now = unix_millis(SystemTime::now());
+    {
+        let store = open(&data, 10);
+        assert_eq!(store.accept(record("a", now)).await.unwrap(), Stored::New);
+        store.close();
+    }
+    copy_sled_files(&data, &saved);
+    {
+        let store = open(&data, 10);
+        assert_eq!(store.accept(record("b", now)).await.unwrap(), Stored::New);
+        let mut with_id = record("c", now);
+        with_id.delivery_id = Some("delivery-c".into());
+        assert_eq!(store.accept(with_id).await.unwrap(), Stored::New);
+        store.close();
+    }
+    // sled as a power cut could leave it: without what it indexed after "a" (the body log,
+    // synced before each answer, keeps "b" and "c").
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        if name != "bodies" && name != "kallina-relay.lock" {
+            if entry.file_type().unwrap().is_dir() {
+                std::fs::remove_dir_all(entry.path()).unwrap();
+            } else {
+                std::fs::remove_file(entry.path()).unwrap();
+            }
+        }
+    }
+    copy_sled_files(&saved, &data);
+
+    let store = open(&data, 10);
+    // Found again before anything else reads the store: duplicates by body and by delivery id,
+    // counted, in order for the relay, and new numbers above the replayed ones.
+    assert_eq!(
+        store.accept(record("b", now)).await.unwrap(),
+        Stored::Duplicate
+    );
+    let mut again = record("other body", now);
+    again.delivery_id = Some("delivery-c".into());
+    assert_eq!(store.accept(again).await.unwrap(), Stored::Duplicate);
+    let stats = store.stats();
+    assert_eq!((stats.outbox_events, stats.dedup_keys), (3, 4));
+    assert_eq!(store.accept(record("d", now)).await.unwrap(), Stored::New);
+    store.indexed().await;
+    let pending = store.outbox_after(None, 10).unwrap().entries;
+    let keys: Vec<_> = pending.iter().map(|e| e.record.key.as_str()).collect();
+    assert_eq!(keys, ["a", "b", "c", "d"]);
+    assert!(store.find_event("delivery-c").unwrap().is_some());
+    store.close();
+    drop(store);
+    // Indexed once: a second open replays nothing more.
+    let store = open(&data, 10);
+    assert_eq!(store.stats().outbox_events, 4);
 }

@@ -1,12 +1,19 @@
-//! Group commit: one thread writes and makes durable everything that is waiting.
+//! Group commit: one thread makes durable everything that is waiting, a second indexes it.
 //!
-//! Requests hand their record to this thread and wait for the answer. The thread takes
-//! whatever has queued up (up to [`MAX_BATCH`]), writes the whole batch in **one sled
-//! transaction** (dedup check, dedup key, time index, outbox record for each event), calls
-//! sled's `flush()` once, then syncs what sled wrote (sled's `flush` on Linux is
-//! `sync_file_range`, and sled never syncs its blob files or any directory: see
-//! [`disk`](super::disk) for what a sync covers), and only then answers the whole batch.
-//! While it syncs, the next batch gathers: the busier the service, the more requests share one sync.
+//! Requests hand their record to the **writer** thread and wait for the answer. It takes
+//! whatever has queued up (up to [`MAX_BATCH`]), sorts out the duplicates, appends the new
+//! events' records to the body log in one write, `fdatasync`s it, and answers the whole batch:
+//! a 2xx rests on that sync. While it syncs, the next batch gathers: the busier the service,
+//! the more requests share one sync.
+//!
+//! The **index** thread ([`indexer`]) then writes what sled holds for those events (dedup
+//! keys, the outbox's references, the time index, the counts) in one sled transaction per
+//! cycle, and syncs sled only every [`indexer::SYNC_INTERVAL`] or when an answer waits on it:
+//! what a power cut takes from sled, the next open writes again from the body log (see
+//! [`index`](super::index)). Until an event is indexed its keys stay in the slot's
+//! `unindexed` map, which the writer's "seen before?" reads too, and the relay does not see it
+//! (the durability mark moves once sled has it). Taking sled's transaction and syncs off the
+//! answer's path was measured on the 2-core VM in the README's performance section.
 //!
 //! **A failed write or sync retires the database.** After a failed sync the kernel may have
 //! dropped what it could not write while still returning it to reads, so nothing more is
@@ -14,13 +21,9 @@
 //! (readers get `Unwritable`, so 503), and the next job reopens it from what the disk holds,
 //! which counts as durable only once the sync after that open succeeds.
 //!
-//! Writing and syncing are not overlapped on purpose: measured here, a second thread syncing
-//! while the writer wrote halved the throughput (sled's flush and concurrent writes slow each
-//! other down, and the batches shrink). Overlapping one batch's body-log sync with the sled
-//! sync of the batch before would not pay either: this VM's disk serves two `fdatasync`s of
-//! different files at once in 74–96 % of the time it takes for them in turn
-//! (`benches/sync-overlap.py`): 0.06–0.4 ms of the ≈ 3 ms a batch of 41 costs, for a second
-//! thread and a second batch in flight.
+//! Redeliveries go through both threads too: the writer draws their sequence numbers in
+//! commit order, the index thread moves the events and syncs sled before answering, so the
+//! outbox fills in sequence order and the relay can read it as a log.
 //!
 //! One writer thread, not a lock and `flush_async` per request: the HTTP workers never block
 //! on sled, sequence numbers are assigned in commit order without a lock, and
@@ -33,10 +36,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 mod commit;
+mod indexer;
 mod put_back;
 
 use commit::commit;
-use put_back::put_back;
+use indexer::{IndexJob, Indexer};
 
 use super::database::{open_database, Database, Slot};
 use super::error::StoreError;
@@ -175,15 +179,24 @@ impl Drop for Writer {
 }
 
 type Reply = oneshot::Sender<Result<Stored, StoreError>>;
-type RedeliverReply = oneshot::Sender<Result<Vec<Redelivery>, StoreError>>;
+pub(super) type RedeliverReply = oneshot::Sender<Result<Vec<Redelivery>, StoreError>>;
 
 /// Reopening after a disk error is tried at most this often.
 const REOPEN_PAUSE: Duration = Duration::from_secs(1);
 /// How long a reopening waits for readers to let go of the old database.
 const REOPEN_WAIT: Duration = Duration::from_secs(5);
 
-/// The writer's loop; returns after a `Stop` or when every sender is gone.
+/// The writer's loop; returns after a `Stop` or when every sender is gone, once the index
+/// thread has indexed and synced everything.
 fn run(slot: Arc<Slot>, mut jobs: mpsc::Receiver<Job>) {
+    let indexer = match Indexer::start(slot.clone()) {
+        Ok(indexer) => indexer,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the store's index thread");
+            slot.retire();
+            return;
+        }
+    };
     let mut batch: Vec<(OutboxRecord, Reply)> = Vec::with_capacity(MAX_BATCH);
     let mut redeliveries: Vec<(Vec<u64>, Shelf, RedeliverReply)> = Vec::new();
     let mut last_reopen: Option<Instant> = None;
@@ -222,7 +235,7 @@ fn run(slot: Arc<Slot>, mut jobs: mpsc::Receiver<Job>) {
             }
         }
         match slot.database() {
-            Ok(database) => write_batch(&slot, &database, &mut batch, &mut redeliveries),
+            Ok(database) => write_batch(&slot, &database, &indexer, &mut batch, &mut redeliveries),
             Err(e) => {
                 for (_, reply) in batch.drain(..) {
                     let _ = reply.send(Err(StoreError::Unwritable(e.to_string())));
@@ -245,75 +258,72 @@ fn run(slot: Arc<Slot>, mut jobs: mpsc::Receiver<Job>) {
                     Job::Recover | Job::Stop => {}
                 }
             }
-            if let Ok(database) = slot.database() {
-                let _ = flush(&slot, &database);
-            }
+            // Indexes what is queued and syncs sled before it returns.
+            indexer.stop();
             return;
         }
     }
 }
 
-/// Commits, syncs and answers one batch.
+/// Commits, syncs and answers one batch of new events, then hands them to the index thread;
+/// hands the redeliveries on with their new sequence numbers, drawn after the new events' so
+/// that numbers stay in commit order.
 fn write_batch(
     slot: &Slot,
-    database: &Database,
+    database: &Arc<Database>,
+    indexer: &Indexer,
     batch: &mut Vec<(OutboxRecord, Reply)>,
     redeliveries: &mut Vec<(Vec<u64>, Shelf, RedeliverReply)>,
 ) {
-    let outcomes = commit(slot, database, batch);
-    // After the new events, so their sequence numbers stay in commit order.
-    let redelivered: Vec<_> = redeliveries
+    let (outcomes, committed) = commit(slot, database, batch);
+    let failed = outcomes
         .iter()
-        .map(|(seqs, from, _)| put_back(slot, database, seqs, *from))
-        .collect();
-    let newest_redelivered = redelivered
-        .iter()
-        .flat_map(|r| r.iter().flatten())
-        .filter_map(|r| match r {
-            Redelivery::Queued(seq) => Some(*seq),
-            _ => None,
-        })
-        .max();
-    let write_failed = outcomes
-        .iter()
-        .any(|o| matches!(o, Err(StoreError::Unwritable(_))))
-        || redelivered
-            .iter()
-            .any(|r| matches!(r, Err(StoreError::Unwritable(_))));
-    let newest = outcomes
-        .iter()
-        .filter_map(|o| match o {
-            Ok((Stored::New, seq)) => Some(*seq),
-            _ => None,
-        })
-        .chain(newest_redelivered)
-        .max();
-    // A batch of duplicates needs no sync: every original it found in this database was
-    // synced before its own answer (or at the open), since a failed sync retires the database.
-    let failure = if write_failed {
+        .any(|o| matches!(o, Err(StoreError::Unwritable(_))));
+    if failed {
+        // A read or the body log's write or sync failed: what it wrote may be gone while reads
+        // still return it (see `disk`). Nothing more is answered from this database, not even
+        // a duplicate; what did reach the log is indexed again by the reopening.
+        tracing::error!("store write failed; answering 503 until the database is reopened");
         slot.retire();
-        Some("a write to the store failed".to_string())
-    } else if newest.is_some() {
-        flush(slot, database).err()
-    } else {
-        None
-    };
-    if let (None, Some(newest)) = (&failure, newest) {
-        slot.durable.send_replace(newest);
     }
     for ((_, reply), outcome) in batch.drain(..).zip(outcomes) {
-        let answer = match (&failure, outcome) {
-            (Some(reason), Ok(_)) => Err(StoreError::Unwritable(reason.clone())),
-            (_, outcome) => outcome.map(|(stored, _)| stored),
+        let answer = match outcome {
+            Ok(_) if failed => Err(StoreError::Unwritable("a write to the store failed".into())),
+            outcome => outcome.map(|(stored, _)| stored),
         };
         let _ = reply.send(answer);
     }
-    for ((_, _, reply), outcome) in redeliveries.drain(..).zip(redelivered) {
-        let answer = match (&failure, outcome) {
-            (Some(reason), Ok(_)) => Err(StoreError::Unwritable(reason.clone())),
-            (_, outcome) => outcome,
-        };
-        let _ = reply.send(answer);
+    if !committed.is_empty() {
+        indexer.send(IndexJob::Batch {
+            database: Arc::downgrade(database),
+            events: committed,
+        });
+    }
+    for (seqs, from, reply) in redeliveries.drain(..) {
+        if !slot.is_writable() {
+            let _ = reply.send(Err(StoreError::Unwritable(
+                "a write to the store failed".into(),
+            )));
+            continue;
+        }
+        // Numbers are drawn here, in commit order; unused ones are only gaps.
+        let fresh = seqs
+            .iter()
+            .map(|_| database.db.generate_id())
+            .collect::<Result<Vec<u64>, _>>();
+        match fresh {
+            Ok(fresh) => indexer.send(IndexJob::Redeliver {
+                database: Arc::downgrade(database),
+                seqs,
+                fresh,
+                from,
+                reply,
+            }),
+            Err(e) => {
+                slot.retire();
+                let _ = reply.send(Err(StoreError::Unwritable(e.to_string())));
+            }
+        }
     }
 }
 
@@ -358,15 +368,4 @@ fn reopen(slot: &Slot) -> Result<(), StoreError> {
     });
     slot.install(database, counts);
     Ok(())
-}
-
-/// Makes the batch just written durable; on failure the database is retired, because the
-/// kernel may already have dropped what it failed to write.
-fn flush(slot: &Slot, database: &Database) -> Result<(), String> {
-    let result = database.make_durable();
-    if let Err(reason) = &result {
-        tracing::error!(%reason, "store sync failed; answering 503 until the database is reopened");
-        slot.retire();
-    }
-    result
 }

@@ -14,7 +14,8 @@ use crate::store::database::{Database, Slot};
 use crate::store::error::StoreError;
 use crate::store::record::{OutboxRecord, RecordError};
 
-/// Moves archived (or quarantined) events back into the outbox under new sequence numbers,
+/// Moves archived (or quarantined) events back into the outbox under the new sequence numbers
+/// `fresh` (drawn by the writer, in commit order; unused ones are only gaps),
 /// marked as redelivered, in one transaction; their dedup entries follow them so the admin API
 /// still finds them by id. Room in the outbox is checked like for new events. A quarantined
 /// record that does not decode goes back byte for byte: the relay will set it aside again.
@@ -22,6 +23,7 @@ pub(super) fn put_back(
     slot: &Slot,
     database: &Database,
     seqs: &[u64],
+    fresh: &[u64],
     from: Shelf,
 ) -> Result<Vec<Redelivery>, StoreError> {
     let room = slot.outbox_room();
@@ -30,13 +32,6 @@ pub(super) fn put_back(
             capacity: slot.options.outbox_max,
         });
     }
-    // Numbers are drawn outside the transaction, which may run more than once; unused ones
-    // are only gaps.
-    let fresh = seqs
-        .iter()
-        .map(|_| database.db.generate_id())
-        .collect::<Result<Vec<u64>, _>>()
-        .map_err(|e| StoreError::Unwritable(e.to_string()))?;
     let (shelf, shelf_count, shelf_len) = match from {
         Shelf::Archive => (&database.archive, ARCHIVE_COUNT, &slot.archive_len),
         Shelf::Quarantine => (&database.quarantine, QUARANTINE_COUNT, &slot.quarantine_len),
@@ -58,7 +53,7 @@ pub(super) fn put_back(
         .transaction(|(shelf, outbox, dedup, meta)| {
             let mut outcomes = Vec::with_capacity(seqs.len());
             let mut moved = 0i64;
-            for (old, new) in seqs.iter().zip(&fresh) {
+            for (old, new) in seqs.iter().zip(fresh) {
                 let old_key = seq_key(*old);
                 let Some(bytes) = shelf.remove(&old_key[..])? else {
                     let pending = outbox.get(&old_key[..])?.is_some();
