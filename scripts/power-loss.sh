@@ -30,8 +30,11 @@ case "$trials" in
 esac
 
 say() { echo "power-loss: $*" >&2; }
-total_acked=0 total_lost=0 done_trials=0
-summary() { echo "power-loss: trials=$done_trials acknowledged=$total_acked lost=$total_lost"; }
+total_acked=0 total_lost=0 done_trials=0 replay_trials=0
+summary() {
+  echo "power-loss: trials=$done_trials acknowledged=$total_acked lost=$total_lost" \
+    "replayed-in=$replay_trials"
+}
 die() { say "harness failure: $*"; summary; exit 2; }
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -263,8 +266,12 @@ for n in $(seq "$trials"); do
     # A store that does not come back has lost everything it acknowledged.
     lost=$acked
   fi
+  # Events answered before the cut that sled had lost, indexed again from the body log.
+  replayed=$(sed -n 's/^KPL replayed \([0-9]*\)$/\1/p' "$t/check.txt" | head -n 1)
+  if [ "${replayed:-0}" -gt 0 ]; then replay_trials=$((replay_trials + 1)); fi
   ms=$(($(now_ms) - trial_t0))
   line="trial $n/$trials: acked=$acked lost=$lost ms=$ms (seed=$seed sent=$((upto + 1))"
+  line+=" replayed=${replayed:-0}"
   line+=" stored-unacked=$stored_unacked boot-to-ready=${boot_ms}ms cut=${cut}s check=${check_ms}ms)"
   echo "$line${problem:+ FAILED: $problem}"
   if [ "$lost" -gt 0 ] || [ -n "$problem" ]; then
