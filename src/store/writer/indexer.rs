@@ -97,9 +97,8 @@ fn run(slot: Arc<Slot>, queue: Receiver<IndexJob>) {
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => {
-                if unsynced {
-                    sync(&slot);
-                }
+                // Stopping: everything sled holds is synced, the relay's archive moves too.
+                sync(&slot);
                 return;
             }
         };
