@@ -38,26 +38,34 @@ pub struct IndexEntry {
     pub reference: [u8; REFERENCE_LEN],
 }
 
-/// Writes `events` (ascending sequence numbers, every one's record already synced in the body
-/// log) in one transaction: each one's dedup keys and outbox reference, one time-index entry
-/// listing their keys (the sweeper's work list), the counts and [`INDEXED_THROUGH`].
-pub fn apply(database: &Database, events: &[IndexEntry]) -> Result<(), String> {
-    let (Some(first), Some(last)) = (events.first(), events.last()) else {
+/// Writes `batches` (each a writer batch, ascending sequence numbers, every record already
+/// synced in the body log) in one transaction: each event's dedup keys and outbox reference,
+/// one time-index entry per batch listing its keys (the sweeper's work list, which expires a
+/// batch's keys once its newest is old enough), the counts and [`INDEXED_THROUGH`].
+pub fn apply(database: &Database, batches: &[Vec<IndexEntry>]) -> Result<(), String> {
+    let Some(last) = batches.iter().rev().find_map(|b| b.last()) else {
         return Ok(());
     };
-    let newest_ms = events.iter().map(|e| e.received_at_ms).max().unwrap_or(0);
-    let index_key = TimeIndexKey {
-        newest_received_at_ms: newest_ms,
-        first_seq: first.seq,
-    }
-    .encode();
-    let index_value = encode_keys(
-        events
-            .iter()
-            .flat_map(|e| e.keys.iter().map(String::as_str)),
-    );
-    let added_events = events.len() as i64;
-    let added_keys = events.iter().map(|e| e.keys.len()).sum::<usize>() as i64;
+    let time_index: Vec<([u8; 16], Vec<u8>)> = batches
+        .iter()
+        .filter_map(|events| {
+            let first = events.first()?;
+            let key = TimeIndexKey {
+                newest_received_at_ms: events.iter().map(|e| e.received_at_ms).max()?,
+                first_seq: first.seq,
+            }
+            .encode();
+            let keys = encode_keys(
+                events
+                    .iter()
+                    .flat_map(|e| e.keys.iter().map(String::as_str)),
+            );
+            (!keys.is_empty()).then_some((key, keys))
+        })
+        .collect();
+    let events = || batches.iter().flatten();
+    let added_events = events().count() as i64;
+    let added_keys = events().map(|e| e.keys.len()).sum::<usize>() as i64;
     let through = last.seq.to_be_bytes();
     let trees = (
         &database.dedup,
@@ -67,7 +75,7 @@ pub fn apply(database: &Database, events: &[IndexEntry]) -> Result<(), String> {
     );
     trees
         .transaction(|(dedup, by_time, outbox, meta)| {
-            for event in events {
+            for event in events() {
                 let entry = DedupEntry {
                     received_at_ms: event.received_at_ms,
                     seq: event.seq,
@@ -78,8 +86,8 @@ pub fn apply(database: &Database, events: &[IndexEntry]) -> Result<(), String> {
                 }
                 outbox.insert(&seq_key(event.seq)[..], &event.reference[..])?;
             }
-            if !index_value.is_empty() {
-                by_time.insert(&index_key[..], index_value.as_slice())?;
+            for (key, keys) in &time_index {
+                by_time.insert(&key[..], keys.as_slice())?;
             }
             add_count(meta, OUTBOX_COUNT, added_events)?;
             add_count(meta, DEDUP_COUNT, added_keys)?;
@@ -132,7 +140,7 @@ pub fn replay(database: &Database) -> Result<u64, StoreError> {
                 .collect();
             highest = highest.max(events.last().map_or(0, |e| e.seq));
             replayed += events.len() as u64;
-            apply(database, &events).map_err(StoreError::Unwritable)
+            apply(database, &[events]).map_err(StoreError::Unwritable)
         })?;
     // A segment is named after the first number it holds, so numbers at or below the newest
     // segment's were handed out, even where its append failed and nothing reached the log.
