@@ -39,7 +39,7 @@ pub const OUTBOX_MAX: Setting<u64> = Setting::new(
 );
 pub const CACHE_SIZE: Setting<u64> = Setting::new(
     Spec::new("cache_size", "KALLINA_RELAY_CACHE_SIZE", "sled page cache")
-        .default("64MiB")
+        .default("32MiB")
         .note("sled's own default is 1 GiB"),
     |f| f.bytes(1 << 20, 1 << 40),
 );
