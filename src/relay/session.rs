@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use futures_util::stream::{FuturesOrdered, Stream, StreamExt};
 use lapin::options::BasicPublishOptions;
 use lapin::protocol::AMQPSoftError;
-use lapin::{Channel, Confirmation, Connection, Event};
+use lapin::{Channel, Confirmation, Connection, ConnectionStatus, Event};
 use tokio::sync::watch;
 use tokio::time::timeout;
 
@@ -43,12 +43,18 @@ struct Session {
     cursor: Option<u64>,
     read_ahead: VecDeque<OutboxEntry>,
     blocked: bool,
+    /// lapin's view of the connection: it knows of a block (and holds every frame back) a
+    /// moment before the session handles the block's event.
+    connection_status: ConnectionStatus,
     unblocked_at: Instant,
     /// Confirms still to see with one publish in flight at a time (after a refusal).
     one_by_one: usize,
     /// The node connected to: its position in `amqp_url`, from 1.
     node: usize,
 }
+
+/// How often a publish that lapin holds back asks whether the broker blocked the connection.
+const BLOCK_CHECK: Duration = Duration::from_millis(100);
 
 /// The connection's events: errors, blocks and unblocks.
 type BrokerEvents = Pin<Box<dyn Stream<Item = Event> + Send>>;
@@ -104,6 +110,7 @@ impl Relay {
             cursor: None,
             read_ahead: VecDeque::new(),
             blocked: false,
+            connection_status: connection.status().clone(),
             unblocked_at: Instant::now(),
             one_by_one: course.one_by_one,
             node: position,
@@ -138,11 +145,23 @@ impl Relay {
 
     /// Sends what the window has room for; moves a batch of confirmed records to the archive.
     async fn fill(&self, session: &mut Session) -> Result<(), SessionError> {
-        while !session.blocked && session.pending.len() < session.window(self.options.window) {
+        // A burst of publishes right after the broker blocked the connection would otherwise
+        // wait in lapin, which sends nothing while blocked, until the publish timed out.
+        while !session.blocked
+            && !session.connection_status.blocked()
+            && session.pending.len() < session.window(self.options.window)
+        {
             let Some(next) = self.next_entry(session).await? else {
                 break;
             };
-            let confirm = self.publish(&session.channel, next).await?;
+            let confirm = self
+                .publish(
+                    &session.channel,
+                    &session.connection_status,
+                    session.node,
+                    next,
+                )
+                .await?;
             session.pending.push_back(confirm);
             session.sent_at.push_back(Instant::now());
         }
@@ -256,6 +275,8 @@ impl Relay {
     async fn publish(
         &self,
         channel: &Channel,
+        connection_status: &ConnectionStatus,
+        node: usize,
         entry: OutboxEntry,
     ) -> Result<PendingConfirm, SessionError> {
         let limit = self.options.confirm_timeout;
@@ -273,9 +294,8 @@ impl Relay {
             start: SystemTime::now(),
             routing_key: routing_key.clone(),
         });
-        let confirm = timeout(
-            limit,
-            channel.basic_publish(
+        let sent = {
+            let mut sending = std::pin::pin!(channel.basic_publish(
                 self.options.topology.exchange.as_str().into(),
                 routing_key.as_str().into(),
                 BasicPublishOptions {
@@ -284,11 +304,37 @@ impl Relay {
                 },
                 &record.body,
                 properties(record, span.as_ref().map(|s| &s.context)),
-            ),
-        )
-        .await
-        .map_err(|_| SessionError::Timeout(limit))?
-        .map_err(|e| classify(channel, e))?;
+            ));
+            // lapin holds a publish back while the broker blocks the connection: that wait is the
+            // broker's flow control, not a dead connection, and does not count against the limit.
+            // It is reported at once, as the block's own event (handled once this returns) would.
+            let mut waited = Duration::ZERO;
+            loop {
+                match timeout(BLOCK_CHECK, &mut sending).await {
+                    Ok(sent) => break sent,
+                    Err(_) if connection_status.blocked() => {
+                        if waited != Duration::MAX {
+                            waited = Duration::MAX;
+                            tracing::warn!(
+                                "the broker blocked publishing; waiting, connection kept"
+                            );
+                            self.metrics.broker_blocked.set(1);
+                            self.status.set(BrokerState::Blocked {
+                                reason: "connection.blocked".into(),
+                                node,
+                            });
+                        }
+                    }
+                    Err(_) => {
+                        waited = waited.saturating_add(BLOCK_CHECK);
+                        if waited >= limit {
+                            return Err(SessionError::Timeout(limit));
+                        }
+                    }
+                }
+            }
+        };
+        let confirm = sent.map_err(|e| classify(channel, e))?;
         let channel = channel.clone();
         // Not timed out here: the session bounds the wait for the oldest confirm, and stops the
         // clock while the broker has blocked the connection.
