@@ -13,7 +13,10 @@
 //! [`index`](super::index)). Until an event is indexed its keys stay in the slot's
 //! `unindexed` map, which the writer's "seen before?" reads too, and the relay does not see it
 //! (the durability mark moves once sled has it). Taking sled's transaction and syncs off the
-//! answer's path was measured on the 2-core VM in the README's performance section.
+//! answer's path was measured on the 2-core VM in the README's performance section. An
+//! earlier second thread that synced sled while the writer wrote had halved the throughput:
+//! there every answer still waited for sled's sync, and the two slowed each other; here no
+//! answer waits for sled, and sled is synced every 200 ms rather than every batch.
 //!
 //! **A failed write or sync retires the database.** After a failed sync the kernel may have
 //! dropped what it could not write while still returning it to reads, so nothing more is
