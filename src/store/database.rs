@@ -6,7 +6,7 @@
 //! the relay waits on, readiness, and the counts. Every other module of the store reaches the
 //! database through the slot, so nobody keeps using a database that was taken out of service.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -57,11 +57,11 @@ pub struct Slot {
     /// The highest sequence number the writer answered as new: its record is on disk, its
     /// index entries may still be on their way to sled (see [`index`]).
     pub committed: AtomicU64,
-    /// Dedup keys of committed events not yet indexed in sled, with their sequence numbers:
-    /// the writer's "seen before?" looks here too. Filled by the writer before it answers,
+    /// Dedup keys of committed events not yet indexed in sled: the writer's "seen before?"
+    /// looks here too. Filled by the writer before it answers,
     /// emptied by the index thread once sled has them, and by every install (whose open
     /// replayed them into sled).
-    pub unindexed: Mutex<HashMap<String, u64>>,
+    pub unindexed: Mutex<HashSet<String>>,
     /// False from a failed write or sync until a reopen succeeds.
     pub writable: AtomicBool,
     pub outbox_len: AtomicU64,
@@ -82,7 +82,7 @@ impl Slot {
             retired: Mutex::new(None),
             durable,
             committed: AtomicU64::new(0),
-            unindexed: Mutex::new(HashMap::new()),
+            unindexed: Mutex::new(HashSet::new()),
             writable: true.into(),
             outbox_len: AtomicU64::new(counts.outbox),
             dedup_len: AtomicU64::new(counts.dedup),

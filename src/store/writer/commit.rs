@@ -53,7 +53,7 @@ pub(super) fn commit(
         let mut unindexed = slot.unindexed.lock().unwrap_or_else(|p| p.into_inner());
         for event in &new {
             for key in &event.keys {
-                unindexed.insert(key.clone(), event.seq);
+                unindexed.insert(key.clone());
             }
         }
     }
@@ -93,8 +93,7 @@ fn sort_out(
         // Not yet indexed first: the index thread takes a key from there only after sled has it.
         let stored = keys.iter().try_fold(false, |seen, key| {
             Ok::<_, sled::Error>(
-                seen || unindexed.contains_key(key)
-                    || database.dedup.get(key.as_bytes())?.is_some(),
+                seen || unindexed.contains(key) || database.dedup.get(key.as_bytes())?.is_some(),
             )
         });
         let outcome = match stored {
