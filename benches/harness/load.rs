@@ -162,6 +162,12 @@ pub(crate) struct Sustained {
     pub(crate) accepted: u64,
     pub(crate) errors: u64,
     pub(crate) accept_p99_ms: f64,
+    /// The bucket of the relay's own request-duration histogram that holds the run's 99th
+    /// percentile, as its upper bound: how much of `accept_p99_ms` the relay spent answering,
+    /// the rest being the generator's (its timer, queueing for a connection, the client).
+    pub(crate) relay_p99_at_most_ms: f64,
+    /// The same for the time requests waited for the store (the writer's batch and fsync).
+    pub(crate) store_p99_at_most_ms: f64,
     pub(crate) lag_p99_ms: f64,
     pub(crate) consumed: u64,
     /// The harness's own CPU (the open-loop generator and the consumer) over the run's wall
@@ -178,10 +184,23 @@ impl Sustained {
     }
     pub(crate) fn describe(&self) -> String {
         format!(
-            "{}/s for {} s: {} accepted, {} errors, p99 accept {:.2} ms, {} consumed, p99 receive→consume {:.1} ms",
-            self.offered, self.seconds, self.accepted, self.errors, self.accept_p99_ms, self.consumed, self.lag_p99_ms
+            "{}/s for {} s: {} accepted, {} errors, p99 accept {:.2} ms (the relay's own ≤ {} ms, its store's ≤ {} ms), {} consumed, p99 receive→consume {:.1} ms",
+            self.offered, self.seconds, self.accepted, self.errors, self.accept_p99_ms, self.relay_p99_at_most_ms, self.store_p99_at_most_ms, self.consumed, self.lag_p99_ms
         )
     }
+}
+
+/// The upper bound of the first bucket that holds quantile `q` of what a cumulative
+/// histogram counted between two scrapes.
+pub(crate) fn quantile_bound(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> f64 {
+    let counted = |i: usize| after[i].1 - before.get(i).map_or(0, |b| b.1);
+    let Some(total) = after.len().checked_sub(1).map(counted) else {
+        return f64::NAN;
+    };
+    let wanted = (total as f64 * q).ceil() as u64;
+    (0..after.len())
+        .find(|&i| counted(i) >= wanted)
+        .map_or(f64::INFINITY, |i| after[i].0)
 }
 
 /// Connections the open-loop generator keeps, as many as the closed-loop scenarios use.
@@ -292,6 +311,7 @@ pub(crate) async fn sustained_run(
             })
         })
         .collect();
+    let [answers_before, store_before] = relay.durations().await?;
     let start = tokio::time::Instant::now();
     let cpu_before = cpu_seconds(libc::RUSAGE_SELF);
     for i in 0..total {
@@ -303,6 +323,9 @@ pub(crate) async fn sustained_run(
     for connection in connections {
         connection.await?;
     }
+    let [answers, store] = relay.durations().await?;
+    let relay_p99_at_most_ms = quantile_bound(&answers_before, &answers, 0.99) * 1000.0;
+    let store_p99_at_most_ms = quantile_bound(&store_before, &store, 0.99) * 1000.0;
     let results = results.lock().unwrap().clone();
     let accepted = results.get(&true).copied().unwrap_or(0);
     // Let the last events through the relay before reading the lag.
@@ -321,6 +344,8 @@ pub(crate) async fn sustained_run(
         accepted,
         errors: results.get(&false).copied().unwrap_or(0),
         accept_p99_ms,
+        relay_p99_at_most_ms,
+        store_p99_at_most_ms,
         lag_p99_ms,
         consumed: consumed.load(Ordering::Relaxed),
         generator_cores,

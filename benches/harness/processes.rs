@@ -165,6 +165,38 @@ impl Relay {
         Ok(())
     }
 
+    /// The relay's own histograms of how long a request took to answer
+    /// (`kallina_relay_request_duration_seconds`) and how long it waited for the store
+    /// (`kallina_relay_store_commit_duration_seconds`): cumulative counts by upper bound in
+    /// seconds, `+Inf` last, as `/metrics` gives them.
+    pub(crate) async fn durations(&self) -> Result<[Vec<(f64, u64)>; 2]> {
+        let text = self
+            .client
+            .get(format!("http://127.0.0.1:{}/metrics", self.admin))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let buckets = |name: &str| -> Result<Vec<(f64, u64)>> {
+            let prefix = format!("{name}_bucket{{le=\"");
+            let mut buckets = Vec::new();
+            for rest in text.lines().filter_map(|l| l.strip_prefix(prefix.as_str())) {
+                let (le, count) = rest.split_once("\"} ").context("a bucket line")?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse()?
+                };
+                buckets.push((le, count.trim().parse()?));
+            }
+            Ok(buckets)
+        };
+        Ok([
+            buckets("kallina_relay_request_duration_seconds")?,
+            buckets("kallina_relay_store_commit_duration_seconds")?,
+        ])
+    }
+
     pub(crate) fn peak_rss_mb(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .unwrap_or_default();
