@@ -62,13 +62,23 @@ pub fn verify(
     body: &[u8],
 ) -> Result<usize, SignatureError> {
     let digest = parse_header(header.ok_or(SignatureError::Missing)?)?;
+    verify_digest(secrets, &digest, body)
+}
+
+/// Checks a digest already read from its header (see [`parse_header`]) against `body` with
+/// each secret in turn; returns the index of the secret that matched.
+pub fn verify_digest(
+    secrets: &[Secret],
+    digest: &[u8; 32],
+    body: &[u8],
+) -> Result<usize, SignatureError> {
     secrets
         .iter()
         .position(|secret| {
             let mut mac = HmacSha256::new_from_slice(secret.expose().as_bytes())
                 .expect("HMAC takes keys of any length");
             mac.update(body);
-            mac.verify_slice(&digest).is_ok()
+            mac.verify_slice(digest).is_ok()
         })
         .ok_or(SignatureError::Mismatch)
 }

@@ -11,6 +11,7 @@ mod connection;
 mod envelope;
 mod error;
 pub mod options;
+mod retries;
 pub mod sources;
 mod tls;
 
@@ -30,6 +31,7 @@ pub use connection::remember as remember_connection;
 pub use envelope::{parse as parse_envelope, Envelope, PayloadError};
 pub use error::IngressError;
 pub use options::{IngressOptions, TlsFiles};
+use retries::{Retries, Verification};
 pub use sources::Source;
 pub use tls::server_config as tls_server_config;
 
@@ -77,6 +79,8 @@ struct Served {
     source: Source,
     /// `kallina_relay_signature_matches_total{source, secret}`, one per secret.
     signature_matches: Vec<prometheus::IntCounter>,
+    /// Requests of this source verified lately, whose retries are not verified again.
+    retries: Retries,
 }
 
 impl Ingress {
@@ -101,6 +105,7 @@ impl Ingress {
                 let served = Served {
                     source: source.clone(),
                     signature_matches,
+                    retries: Retries::default(),
                 };
                 (source.path(), served)
             })
@@ -170,10 +175,9 @@ struct Answer<'a> {
 }
 
 /// The event as it came in and was checked, before the store.
-struct Verified<'a> {
-    envelope: Envelope<'a>,
-    /// The SHA-256 of the body: always a dedup key, and the `message_id`.
-    key: String,
+struct Verified {
+    /// What verifying the request found (or an earlier request of the same bytes did).
+    verification: Verification,
     /// The delivery-id header's value, where configured and present: a second dedup key.
     delivery_id: Option<String>,
 }
@@ -370,13 +374,15 @@ async fn handle(
         Ok(v) => v,
         Err((event, e)) => return Handled::refused(event, e),
     };
-    let event = verified.envelope.event.to_string();
-    let age = received_at
-        .duration_since(SystemTime::from(verified.envelope.timestamp))
-        .unwrap_or_default();
     let Verified {
-        key, delivery_id, ..
+        verification,
+        delivery_id,
     } = verified;
+    let event = verification.event.clone();
+    let key = verification.key.clone();
+    let age = received_at
+        .duration_since(SystemTime::from(verification.timestamp))
+        .unwrap_or_default();
     ingress.metrics.event_age.observe(age.as_secs_f64());
 
     if ingress.shutdown.is_triggered() {
@@ -458,13 +464,13 @@ async fn handle(
 
 /// The checks of the contract, in its order, on a body already read within the size limit.
 #[allow(clippy::result_large_err)]
-fn verify<'a>(
+fn verify(
     req: &HttpRequest,
-    body: &'a [u8],
+    body: &[u8],
     received_at: SystemTime,
     served: &Served,
     ingress: &Ingress,
-) -> Result<Verified<'a>, (Option<String>, IngressError)> {
+) -> Result<Verified, (Option<String>, IngressError)> {
     let fail = |e| (None, e);
     if let Some(encoding) = req.headers().get(CONTENT_ENCODING) {
         let encoding = String::from_utf8_lossy(encoding.as_bytes())
@@ -485,24 +491,44 @@ fn verify<'a>(
             )))
         }
     };
-    let secret_index = signature::verify(&served.source.secrets, header, body)
+    let digest = header
+        .ok_or(signature::SignatureError::Missing)
+        .and_then(signature::parse_header)
         .map_err(|e| fail(IngressError::Signature(e)))?;
-    served.signature_matches[secret_index].inc();
+    // A retry of a request verified lately: what the signature covers was verified then.
+    let (verification, remembered) = match served.retries.get(&digest, body) {
+        Some(verification) => (verification, true),
+        None => {
+            let secret_index = signature::verify_digest(&served.source.secrets, &digest, body)
+                .map_err(|e| fail(IngressError::Signature(e)))?;
+            let envelope =
+                parse_envelope(body).map_err(|e| fail(IngressError::InvalidPayload(e)))?;
+            let verification = Verification {
+                secret_index,
+                event: envelope.event.into_owned(),
+                timestamp: envelope.timestamp,
+                key: served.source.key(&hex::encode(Sha256::digest(body))),
+            };
+            (verification, false)
+        }
+    };
+    served.signature_matches[verification.secret_index].inc();
 
-    let envelope = parse_envelope(body).map_err(|e| fail(IngressError::InvalidPayload(e)))?;
-    let event = Some(envelope.event.to_string());
+    let event = || Some(verification.event.clone());
     let delivery_id = delivery_id(req, ingress.id_header.as_deref())
-        .map_err(|e| (event.clone(), IngressError::InvalidPayload(e)))?;
+        .map_err(|e| (event(), IngressError::InvalidPayload(e)))?;
     check_window(
-        envelope.timestamp,
+        verification.timestamp,
         received_at,
         served.source.tolerance,
         ingress.future_skew,
     )
-    .map_err(|e| (event, e))?;
+    .map_err(|e| (event(), e))?;
+    if !remembered {
+        served.retries.remember(&digest, body, verification.clone());
+    }
     Ok(Verified {
-        envelope,
-        key: served.source.key(&hex::encode(Sha256::digest(body))),
+        verification,
         delivery_id,
     })
 }

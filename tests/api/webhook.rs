@@ -255,6 +255,60 @@ async fn each_hostile_fixture_gets_invalid_payload_naming_the_field() {
     app.stop().await;
 }
 
+/// A retry answered as a duplicate is remembered, so that further retries of the same bytes
+/// are not verified again (`ingress::retries`). They keep their answers, and what the
+/// signature does not settle is still checked: a remembered signature over other bytes is
+/// refused, and so is a retry that has fallen out of the timestamp window.
+#[tokio::test]
+async fn retries_of_a_duplicate_keep_their_answers_and_their_checks() {
+    let app = spawn_app(Config::default().set("KALLINA_RELAY_TOLERANCE", "2s")).await;
+    let body = event_body("call.ended", "retried");
+    let signature = sign(SECRET.as_bytes(), body.as_bytes());
+    let headers = [("X-Kallina-Signature", signature.as_str())];
+    let post = |body: Vec<u8>| app.post(body, &headers);
+    let hash = sha256_hex(body.as_bytes());
+    assert_eq!(post(body.clone().into()).await.status().as_u16(), 202);
+    for _ in 0..3 {
+        let response = post(body.clone().into()).await;
+        assert_eq!(response.status().as_u16(), 200);
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(
+            answer,
+            serde_json::json!({"status": "duplicate", "id": hash})
+        );
+    }
+    // The remembered signature over bytes it does not sign: one changed, one added, one less.
+    let mut changed = body.clone().into_bytes();
+    let last = changed.len() - 2;
+    changed[last] ^= 1;
+    let mut longer = body.clone().into_bytes();
+    longer.push(b' ');
+    let shorter = body.as_bytes()[..body.len() - 1].to_vec();
+    for forged in [changed, longer, shorter] {
+        let (status, error) = error_of(post(forged).await).await;
+        assert_eq!(
+            (status, error["code"].as_str()),
+            (401, Some("invalid_signature"))
+        );
+    }
+    // Past the 2-s tolerance, the same bytes are too old, remembered or not.
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let (status, error) = error_of(post(body.clone().into()).await).await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (400, Some("timestamp_out_of_tolerance"))
+    );
+    assert_eq!(error["details"]["reason"], "too_old");
+    assert_eq!(app.outbox_depth().await, 1, "stored once");
+    let metrics = app.metrics().await;
+    assert!(
+        metrics
+            .contains(r#"kallina_relay_webhooks_total{event="call.ended",outcome="duplicate",source="kallina-relay"} 3"#),
+        "{metrics}"
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn timestamps_outside_the_window_are_refused_with_both_times() {
     let app = spawn_app(Config::default()).await;
