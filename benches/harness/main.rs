@@ -174,13 +174,28 @@ async fn ingest_only(work: &Path) -> Result<(Row, WrkResult)> {
     )?;
     relay.wait_healthy().await?;
     let base = wrk_new(work, baseline_port, "base", seconds(10))?;
+    let before = relay.durations().await?;
     let ingest = wrk_new(work, relay.port, "ingest", seconds(8))?;
+    print_split(&before, &relay.durations().await?);
     println!(
         "  relay peak RSS while ingesting: {} MB",
         relay.peak_rss_mb()
     );
     relay.stop()?;
     Ok((ingest_row(&ingest, &base), ingest))
+}
+
+/// Where an ingest run's requests spent their time by the relay's own histograms: answering
+/// in all, and waiting for the store (the writer's queue, batch and fdatasync).
+fn print_split(before: &[Vec<(f64, u64)>; 2], after: &[Vec<(f64, u64)>; 2]) {
+    let bound = |i: usize, q: f64| quantile_bound(&before[i], &after[i], q) * 1000.0;
+    println!(
+        "  relay's own histograms: answer p50 ≤ {} ms, p99 ≤ {} ms; waiting for the store p50 ≤ {} ms, p99 ≤ {} ms",
+        bound(0, 0.5),
+        bound(0, 0.99),
+        bound(1, 0.5),
+        bound(1, 0.99)
+    );
 }
 
 /// Scenario 2: the same event re-sent, to the relay and to the bare endpoint.
@@ -423,7 +438,9 @@ async fn run() -> Result<()> {
 
     // 1. ingest
     let base = wrk_new(work.path(), baseline_port, "base", seconds(10))?;
+    let before = relay.durations().await?;
     let ingest = wrk_new(work.path(), relay.port, "ingest", seconds(8))?;
+    print_split(&before, &relay.durations().await?);
     let peak_ingest = relay.peak_rss_mb();
     rows.push(ingest_row(&ingest, &base));
 
