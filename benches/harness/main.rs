@@ -21,9 +21,9 @@
 //! - `KALLINA_BENCH_RELAY_BIN=<path>`: measure that relay binary (say one built at an earlier
 //!   commit) instead of this build's; the heading names the binary that ran.
 //! - `KALLINA_BENCH_ONLY=<names, comma-separated>`: only these scenarios, from `ingest`
-//!   (scenario 1 with its baseline), `duplicates` (2, after one new event), `node` (ingest and the Node receiver), `sustained` (the
-//!   five 5k/s runs and the climb of rates), `large` (7) and `memory` (the 1M-event figure
-//!   alone).
+//!   (scenario 1 with its baseline), `duplicates` (2, after one new event), `node` (ingest
+//!   and the Node receiver), `sustained` (the five 5k/s runs and the climb of rates), `large`
+//!   (7) and `memory` (the 1M-event figure alone).
 //! - `KALLINA_BENCH_SECONDS=<n>`: cap every wrk run and disk baseline at n seconds, for a
 //!   quick check that the harness works; the figures it gives are not the benchmark's.
 
@@ -154,25 +154,33 @@ async fn run_only(names: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Scenario 1 on its own: the same baseline, relay settings and runs as in the full harness.
-async fn ingest_only(work: &Path) -> Result<(Row, WrkResult)> {
-    let baseline_port = spawn_bare_endpoint().await?;
+/// A relay with the full harness's settings whose broker is cut (its forwarder drops every
+/// connection), started and healthy: it stores and answers, and publishes nothing. The
+/// forwarder must outlive the run.
+async fn relay_broker_cut(work: &Path, name: &str) -> Result<(Relay, Forwarder)> {
     let forwarder = Forwarder::start().await?;
     forwarder.cut();
     let queue = format!("bench.q.{}", fastrand::u32(..));
     let exchange = format!("bench.events.{}", fastrand::u32(..));
-    let config = work.join("relay-ingest.toml");
+    let config = work.join(format!("relay-{name}.toml"));
     std::fs::write(
         &config,
         format!("[[queues]]\nname = \"{queue}\"\nbindings = [\"#\"]\n"),
     )?;
-    let mut relay = Relay::start(
-        &work.join("ingest-data"),
+    let relay = Relay::start(
+        &work.join(format!("{name}-data")),
         &config,
         &exchange,
         &forwarder.url(),
     )?;
     relay.wait_healthy().await?;
+    Ok((relay, forwarder))
+}
+
+/// Scenario 1 on its own: the same baseline, relay settings and runs as in the full harness.
+async fn ingest_only(work: &Path) -> Result<(Row, WrkResult)> {
+    let baseline_port = spawn_bare_endpoint().await?;
+    let (mut relay, _forwarder) = relay_broker_cut(work, "ingest").await?;
     let base = wrk_new(work, baseline_port, "base", seconds(10))?;
     let before = relay.durations().await?;
     let ingest = wrk_new(work, relay.port, "ingest", seconds(8))?;
@@ -223,18 +231,7 @@ fn duplicates_row(work: &Path, baseline_port: u16, relay_port: u16) -> Result<Ro
 /// event, every other is a duplicate of it.
 async fn duplicates_only(work: &Path) -> Result<Row> {
     let baseline_port = spawn_bare_endpoint().await?;
-    let forwarder = Forwarder::start().await?;
-    forwarder.cut();
-    let exchange = format!("bench.events.{}", fastrand::u32(..));
-    let config = work.join("relay-duplicates.toml");
-    std::fs::write(&config, "")?;
-    let mut relay = Relay::start(
-        &work.join("duplicates-data"),
-        &config,
-        &exchange,
-        &forwarder.url(),
-    )?;
-    relay.wait_healthy().await?;
+    let (mut relay, _forwarder) = relay_broker_cut(work, "duplicates").await?;
     let row = duplicates_row(work, baseline_port, relay.port);
     relay.stop()?;
     row

@@ -128,8 +128,7 @@ impl Relay {
         done: fn(reqwest::StatusCode, &serde_json::Value) -> bool,
     ) -> Result<()> {
         for _ in 0..600 {
-            let url = format!("http://127.0.0.1:{}{path}", self.admin);
-            if let Ok(r) = self.client.get(url).send().await {
+            if let Ok(r) = self.admin_get(path).await {
                 let status = r.status();
                 let body = r.json().await.unwrap_or(serde_json::Value::Null);
                 if done(status, &body) {
@@ -141,14 +140,14 @@ impl Relay {
         bail!("{path} did not answer as awaited within a minute")
     }
 
+    /// `GET` on the admin listener.
+    async fn admin_get(&self, path: &str) -> Result<reqwest::Response> {
+        let url = format!("http://127.0.0.1:{}{path}", self.admin);
+        Ok(self.client.get(url).send().await?)
+    }
+
     pub(crate) async fn outbox(&self) -> Result<u64> {
-        let ready: serde_json::Value = self
-            .client
-            .get(format!("http://127.0.0.1:{}/readyz", self.admin))
-            .send()
-            .await?
-            .json()
-            .await?;
+        let ready: serde_json::Value = self.admin_get("/readyz").await?.json().await?;
         ready["store"]["outbox_events"]
             .as_u64()
             .context("outbox_events")
@@ -170,13 +169,7 @@ impl Relay {
     /// (`kallina_relay_store_commit_duration_seconds`): cumulative counts by upper bound in
     /// seconds, `+Inf` last, as `/metrics` gives them.
     pub(crate) async fn durations(&self) -> Result<[Vec<(f64, u64)>; 2]> {
-        let text = self
-            .client
-            .get(format!("http://127.0.0.1:{}/metrics", self.admin))
-            .send()
-            .await?
-            .text()
-            .await?;
+        let text = self.admin_get("/metrics").await?.text().await?;
         let buckets = |name: &str| -> Result<Vec<(f64, u64)>> {
             let prefix = format!("{name}_bucket{{le=\"");
             let mut buckets = Vec::new();

@@ -375,13 +375,17 @@ async fn handle(
         Err((event, e)) => return Handled::refused(event, e),
     };
     let Verified {
-        verification,
+        verification:
+            Verification {
+                event,
+                timestamp,
+                key,
+                ..
+            },
         delivery_id,
     } = verified;
-    let event = verification.event.clone();
-    let key = verification.key.clone();
     let age = received_at
-        .duration_since(SystemTime::from(verification.timestamp))
+        .duration_since(SystemTime::from(timestamp))
         .unwrap_or_default();
     ingress.metrics.event_age.observe(age.as_secs_f64());
 

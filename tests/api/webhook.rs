@@ -255,8 +255,8 @@ async fn each_hostile_fixture_gets_invalid_payload_naming_the_field() {
     app.stop().await;
 }
 
-/// A retry answered as a duplicate is remembered, so that further retries of the same bytes
-/// are not verified again (`ingress::retries`). They keep their answers, and what the
+/// A verified request is remembered, so that its retries (the same bytes) are not verified
+/// again (`ingress::retries`). They keep their answers, and what the
 /// signature does not settle is still checked: a remembered signature over other bytes is
 /// refused, and so is a retry that has fallen out of the timestamp window.
 #[tokio::test]
