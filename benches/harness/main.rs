@@ -21,9 +21,10 @@
 //! - `KALLINA_BENCH_RELAY_BIN=<path>`: measure that relay binary (say one built at an earlier
 //!   commit) instead of this build's; the heading names the binary that ran.
 //! - `KALLINA_BENCH_ONLY=<names, comma-separated>`: only these scenarios, from `ingest`
-//!   (scenario 1 with its baseline), `duplicates` (2, after one new event), `node` (ingest
-//!   and the Node receiver), `sustained` (the five 5k/s runs and the climb of rates), `large`
-//!   (7) and `memory` (the 1M-event figure alone).
+//!   (scenario 1 with its baseline), `duplicates` (2, after one new event), `drain` (3, on
+//!   the backlog an ingest run leaves), `node` (ingest and the Node receiver), `sustained`
+//!   (the five 5k/s runs and the climb of rates), `large` (7) and `memory` (the 1M-event
+//!   figure alone).
 //! - `KALLINA_BENCH_SECONDS=<n>`: cap every wrk run and disk baseline at n seconds, for a
 //!   quick check that the harness works; the figures it gives are not the benchmark's.
 
@@ -83,9 +84,10 @@ struct Row {
 }
 
 /// The scenarios `KALLINA_BENCH_ONLY` can pick.
-const SELECTABLE: [&str; 6] = [
+const SELECTABLE: [&str; 7] = [
     "ingest",
     "duplicates",
+    "drain",
     "node",
     "sustained",
     "large",
@@ -131,6 +133,7 @@ async fn run_only(names: &[String]) -> Result<()> {
             "memory" => memory_only().await?,
             "ingest" => rows.push(ingest_only(work.path()).await?.0),
             "duplicates" => rows.push(duplicates_only(work.path()).await?),
+            "drain" => rows.push(drain_only(work.path()).await?),
             "node" => {
                 let (row, ingest) = ingest_only(work.path()).await?;
                 rows.push(row);
@@ -157,7 +160,16 @@ async fn run_only(names: &[String]) -> Result<()> {
 /// A relay with the full harness's settings whose broker is cut (its forwarder drops every
 /// connection), started and healthy: it stores and answers, and publishes nothing. The
 /// forwarder must outlive the run.
-async fn relay_broker_cut(work: &Path, name: &str) -> Result<(Relay, Forwarder)> {
+struct CutRelay {
+    relay: Relay,
+    _forwarder: Forwarder,
+    queue: String,
+    exchange: String,
+    config: PathBuf,
+    data_dir: PathBuf,
+}
+
+async fn relay_broker_cut(work: &Path, name: &str) -> Result<CutRelay> {
     let forwarder = Forwarder::start().await?;
     forwarder.cut();
     let queue = format!("bench.q.{}", fastrand::u32(..));
@@ -167,20 +179,70 @@ async fn relay_broker_cut(work: &Path, name: &str) -> Result<(Relay, Forwarder)>
         &config,
         format!("[[queues]]\nname = \"{queue}\"\nbindings = [\"#\"]\n"),
     )?;
-    let relay = Relay::start(
-        &work.join(format!("{name}-data")),
-        &config,
-        &exchange,
-        &forwarder.url(),
-    )?;
+    let data_dir = work.join(format!("{name}-data"));
+    let relay = Relay::start(&data_dir, &config, &exchange, &forwarder.url())?;
     relay.wait_healthy().await?;
-    Ok((relay, forwarder))
+    Ok(CutRelay {
+        relay,
+        _forwarder: forwarder,
+        queue,
+        exchange,
+        config,
+        data_dir,
+    })
+}
+
+/// Scenario 3: the relay restarted on `data_dir` with the broker reachable directly (as the
+/// baseline is: the forwarder's extra hop would cost CPU that RabbitMQ needs on this machine),
+/// timed until its outbox is empty, against a plain lapin publisher sending as many.
+async fn drain_row(
+    mut relay: Relay,
+    data_dir: &Path,
+    config: &Path,
+    exchange: &str,
+) -> Result<(Row, Relay)> {
+    let backlog = relay.outbox().await?;
+    relay.stop()?;
+    let started = Instant::now();
+    let relay = Relay::start(data_dir, config, exchange, BROKER)?;
+    relay.wait_healthy().await?;
+    relay
+        .wait_outbox_at_most(0, Duration::from_secs(120))
+        .await?;
+    let drain_rate = backlog as f64 / started.elapsed().as_secs_f64();
+    // The drain is the broker's pace on this machine: the relay's CPU per event is its cost.
+    let cpu_us = relay.cpu_seconds()? * 1e6 / backlog.max(1) as f64;
+    let lapin_rate = plain_publisher(backlog).await?;
+    let row = Row {
+        scenario: "drain: outbox backlog, broker restored",
+        figure: format!(
+            "{backlog} events, {drain_rate:.0}/s, the relay's CPU {cpu_us:.0} µs/event"
+        ),
+        baseline: format!("plain lapin publisher {lapin_rate:.0}/s"),
+        ratio: pct(drain_rate, lapin_rate),
+        target: "≥ 90 %",
+    };
+    Ok((row, relay))
+}
+
+/// Scenario 3 on its own: an ingest run (broker cut) leaves the backlog the relay drains.
+async fn drain_only(work: &Path) -> Result<Row> {
+    let cut = relay_broker_cut(work, "drain").await?;
+    let _ = wrk_new(work, cut.relay.port, "drain-backlog", seconds(8))?;
+    let (row, mut relay) = drain_row(cut.relay, &cut.data_dir, &cut.config, &cut.exchange).await?;
+    relay.stop()?;
+    purge(&cut.queue).await?;
+    Ok(row)
 }
 
 /// Scenario 1 on its own: the same baseline, relay settings and runs as in the full harness.
 async fn ingest_only(work: &Path) -> Result<(Row, WrkResult)> {
     let baseline_port = spawn_bare_endpoint().await?;
-    let (mut relay, _forwarder) = relay_broker_cut(work, "ingest").await?;
+    let CutRelay {
+        mut relay,
+        _forwarder,
+        ..
+    } = relay_broker_cut(work, "ingest").await?;
     let base = wrk_new(work, baseline_port, "base", seconds(10))?;
     let before = relay.durations().await?;
     let ingest = wrk_new(work, relay.port, "ingest", seconds(8))?;
@@ -231,7 +293,11 @@ fn duplicates_row(work: &Path, baseline_port: u16, relay_port: u16) -> Result<Ro
 /// event, every other is a duplicate of it.
 async fn duplicates_only(work: &Path) -> Result<Row> {
     let baseline_port = spawn_bare_endpoint().await?;
-    let (mut relay, _forwarder) = relay_broker_cut(work, "duplicates").await?;
+    let CutRelay {
+        mut relay,
+        _forwarder,
+        ..
+    } = relay_broker_cut(work, "duplicates").await?;
     let row = duplicates_row(work, baseline_port, relay.port);
     relay.stop()?;
     row
@@ -313,10 +379,11 @@ async fn sustained_row(relay: &Relay, queue: &str) -> Result<Row> {
     Ok(Row {
         scenario: "sustained: 5k/s offered for 20 s, consumer reading, 5 runs",
         figure: format!(
-            "{met} of {SUSTAINED_RUNS} runs meet the targets; p99 accept (ms) {} (the relay's own p99 at most {}); p99 receive→consume (ms) {}; {accepted} accepted, {errors} errors, {consumed} consumed; generator and consumer used ≤ {generator:.2} cores",
+            "{met} of {SUSTAINED_RUNS} runs meet the targets; p99 accept (ms) {} (the relay's own p99 at most {}); p99 receive→consume (ms) {}; the relay's CPU per event (µs) {}; {accepted} accepted, {errors} errors, {consumed} consumed; generator and consumer used ≤ {generator:.2} cores",
             list(|r| r.accept_p99_ms),
             list(|r| r.relay_p99_at_most_ms),
             list(|r| r.lag_p99_ms),
+            list(|r| r.relay_cpu_us_per_event),
         ),
         baseline: "—".into(),
         ratio: "—".into(),
@@ -430,7 +497,7 @@ async fn run() -> Result<()> {
         format!("[[queues]]\nname = \"{queue}\"\nbindings = [\"#\"]\n"),
     )?;
     let data_dir = work.path().join("data");
-    let mut relay = Relay::start(&data_dir, &config, &exchange, &forwarder.url())?;
+    let relay = Relay::start(&data_dir, &config, &exchange, &forwarder.url())?;
     relay.wait_healthy().await?;
 
     // 1. ingest
@@ -444,25 +511,9 @@ async fn run() -> Result<()> {
     // 2. duplicates
     rows.push(duplicates_row(work.path(), baseline_port, relay.port)?);
 
-    // 3. drain: the relay restarted with the broker reachable directly (as the baseline is:
-    //    the forwarder's extra hop would cost CPU that RabbitMQ needs on this machine).
-    let backlog = relay.outbox().await?;
-    relay.stop()?;
-    let started = Instant::now();
-    let mut relay = Relay::start(&data_dir, &config, &exchange, BROKER)?;
-    relay.wait_healthy().await?;
-    relay
-        .wait_outbox_at_most(0, Duration::from_secs(120))
-        .await?;
-    let drain_rate = backlog as f64 / started.elapsed().as_secs_f64();
-    let lapin_rate = plain_publisher(backlog).await?;
-    rows.push(Row {
-        scenario: "drain: outbox backlog, broker restored",
-        figure: format!("{backlog} events, {drain_rate:.0}/s"),
-        baseline: format!("plain lapin publisher {lapin_rate:.0}/s"),
-        ratio: pct(drain_rate, lapin_rate),
-        target: "≥ 90 %",
-    });
+    // 3. drain
+    let (drain, mut relay) = drain_row(relay, &data_dir, &config, &exchange).await?;
+    rows.push(drain);
     purge(&queue).await?;
 
     // 4. the Node receiver, with the broker up, before the sustained runs fill the cores' caches
