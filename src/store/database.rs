@@ -250,9 +250,24 @@ pub fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, StoreError> {
         .write(true)
         .open(data_dir.join(LOCK_FILE))
         .map_err(unwritable)?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked(data_dir.to_path_buf())),
-        Err(std::fs::TryLockError::Error(e)) => Err(unwritable(e)),
+    // The lock belongs to the open file, and a child process forked while the store was open
+    // holds a copy of its descriptor until the child's exec closes it: a store reopened in
+    // that moment (a restart in the same process while another thread starts a program)
+    // would find it held. Such a copy goes within milliseconds; another relay does not.
+    let deadline = Instant::now() + LOCK_PATIENCE;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked(data_dir.to_path_buf()))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(unwritable(e)),
+        }
     }
 }
+
+/// How long an open waits for the data directory's lock before it reports another process.
+const LOCK_PATIENCE: Duration = Duration::from_secs(2);

@@ -507,3 +507,34 @@ async fn events_sled_lost_after_their_answer_are_indexed_again_from_the_body_log
     let store = open(&data, 10);
     assert_eq!(store.stats().outbox_events, 4);
 }
+
+/// A child process started while the store was open holds a copy of the lock's file
+/// descriptor from its fork until its exec closes it. A store opened in that moment (a restart
+/// in the same process, while another thread starts a program) must wait for it, not be
+/// refused as if another relay had the directory.
+#[test]
+fn a_reopen_waits_out_a_child_that_has_not_yet_exec_d() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 10);
+    let mut command = std::process::Command::new("true");
+    // Runs in the child between fork and exec, holding the inherited descriptors.
+    unsafe {
+        command.pre_exec(|| {
+            std::thread::sleep(Duration::from_millis(300));
+            Ok(())
+        });
+    }
+    // Another thread starts it (`spawn` returns only after the exec); the fork is done well
+    // within the 100 ms this thread waits.
+    let starter = std::thread::spawn(move || command.spawn().unwrap().wait().unwrap());
+    std::thread::sleep(Duration::from_millis(100));
+    drop(store);
+    let again = Store::open(&options(dir.path(), 10));
+    assert!(
+        again.is_ok(),
+        "reopening while a child held the lock's descriptor failed: {:?}",
+        again.err()
+    );
+    starter.join().unwrap();
+}
