@@ -138,6 +138,13 @@ impl Store {
         self.inner.slot.durable.subscribe()
     }
 
+    /// The highest sequence number durable in the outbox so far: what
+    /// [`durability`](Self::durability) announces, and the end of what
+    /// [`outbox_after`](Self::outbox_after) reads.
+    pub fn durable_through(&self) -> u64 {
+        *self.inner.slot.durable.borrow()
+    }
+
     /// Up to `limit` durable outbox records above `after`, oldest first, and those of them
     /// that do not decode. Blocking: the relay calls it from its blocking pool.
     pub fn outbox_after(&self, after: Option<u64>, limit: usize) -> Result<OutboxRead, StoreError> {
