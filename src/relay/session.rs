@@ -185,8 +185,8 @@ impl Relay {
         }
         while session.read_ahead.is_empty() {
             // Nothing durable past the cursor: the answer is known without a read, which is a
-            // round trip to the blocking pool (two thread wake-ups). The loop asks after every
-            // confirm, so at 5k/s that trip cost more CPU than the reads that find something.
+            // round trip to the blocking pool (two thread wake-ups), and the fill asks after
+            // every confirm (README, performance).
             if session
                 .cursor
                 .is_some_and(|read| read >= self.store.durable_through())
