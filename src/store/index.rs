@@ -9,17 +9,25 @@
 //! repaired here at the next open, before anything reads the store. Measured on the 2-core VM,
 //! sled's transaction, `flush` and sync were 1.75 ms of a 3.05-ms batch on the answer's path.
 //!
-//! **What tells an open where to start.** `meta`'s [`INDEXED_THROUGH`] is written in the same
-//! sled transaction as the entries of the events up to it: sled recovers a prefix of its
-//! transactions, so every frame of the log above that number is missing from sled whole, and
-//! every frame at or below it is there (or was moved on, archived or swept, since). The
-//! writer draws sequence numbers in commit order and the index thread applies batches in that
-//! order, so the number only grows.
+//! **What tells an open where to start.** `meta`'s [`INDEXED_THROUGH`] is written, with the
+//! counts, in a sled transaction after the entries of the events up to it: sled recovers a
+//! prefix of its log (it cuts the log at the first torn or missing segment, see
+//! `check_contiguity_in_unstable_tail` in its `pagecache/iterator.rs`), so every frame at or
+//! below that number has its entries in sled (or they were moved on, archived or swept,
+//! since), and a frame above it may have some of them, which the replay writes again: every
+//! entry is a plain insert of a value derived from the frame, so writing it twice leaves the
+//! same thing. The writer draws sequence numbers in commit order and the index thread applies
+//! batches in that order, so the number only grows.
+//!
+//! **Why the entries are not in the transaction.** A sled transaction holds sled's global
+//! lock exclusively while it commits, and every other sled read waits: the writer's "seen
+//! before?" and the HTTP workers' duplicate lookups. At 5k/s the writer was seen waiting there
+//! 37 times a second, 2.4 ms each (README, performance). Plain inserts share the lock; the
+//! transaction that remains writes three values.
 
 use std::collections::HashSet;
 
 use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::Transactional;
 
 use super::bodies::{Frame, REFERENCE_LEN};
 use super::codec::{
@@ -39,9 +47,9 @@ pub struct IndexEntry {
 }
 
 /// Writes `batches` (each a writer batch, ascending sequence numbers, every record already
-/// synced in the body log) in one transaction: each event's dedup keys and outbox reference,
-/// one time-index entry per batch listing its keys (the sweeper's work list, which expires a
-/// batch's keys once its newest is old enough), the counts and [`INDEXED_THROUGH`].
+/// synced in the body log): each event's dedup keys and outbox reference, one time-index entry
+/// per batch listing its keys (the sweeper's work list, which expires a batch's keys once its
+/// newest is old enough), then, in one transaction, the counts and [`INDEXED_THROUGH`].
 pub fn apply(database: &Database, batches: &[Vec<IndexEntry>]) -> Result<(), String> {
     let Some(last) = batches.iter().rev().find_map(|b| b.last()) else {
         return Ok(());
@@ -67,28 +75,34 @@ pub fn apply(database: &Database, batches: &[Vec<IndexEntry>]) -> Result<(), Str
     let added_events = events().count() as i64;
     let added_keys = events().map(|e| e.keys.len()).sum::<usize>() as i64;
     let through = last.seq.to_be_bytes();
-    let trees = (
-        &database.dedup,
-        &database.dedup_by_time,
-        &database.outbox,
-        &database.meta,
-    );
-    trees
-        .transaction(|(dedup, by_time, outbox, meta)| {
-            for event in events() {
-                let entry = DedupEntry {
-                    received_at_ms: event.received_at_ms,
-                    seq: event.seq,
-                }
-                .encode();
-                for key in &event.keys {
-                    dedup.insert(key.as_bytes(), &entry[..])?;
-                }
-                outbox.insert(&seq_key(event.seq)[..], &event.reference[..])?;
-            }
-            for (key, keys) in &time_index {
-                by_time.insert(&key[..], keys.as_slice())?;
-            }
+    let storage = |e: sled::Error| e.to_string();
+    for event in events() {
+        let entry = DedupEntry {
+            received_at_ms: event.received_at_ms,
+            seq: event.seq,
+        }
+        .encode();
+        for key in &event.keys {
+            database
+                .dedup
+                .insert(key.as_bytes(), &entry[..])
+                .map_err(storage)?;
+        }
+        database
+            .outbox
+            .insert(&seq_key(event.seq)[..], &event.reference[..])
+            .map_err(storage)?;
+    }
+    for (key, keys) in &time_index {
+        database
+            .dedup_by_time
+            .insert(&key[..], keys.as_slice())
+            .map_err(storage)?;
+    }
+    // Last, so that sled's recovered prefix never holds the mark without the entries.
+    database
+        .meta
+        .transaction(|meta| {
             add_count(meta, OUTBOX_COUNT, added_events)?;
             add_count(meta, DEDUP_COUNT, added_keys)?;
             meta.insert(INDEXED_THROUGH, &through[..])?;
