@@ -69,7 +69,8 @@ pub fn decode_keys(mut bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
-/// Names of the counts kept in `meta`, in the same transactions as what they count.
+/// Names of the counts kept in `meta`, in the same transactions as the moves they count, and,
+/// for new events, in the transaction that marks them indexed (see `index`).
 pub const OUTBOX_COUNT: &[u8] = b"outbox_events";
 pub const DEDUP_COUNT: &[u8] = b"dedup_keys";
 pub const ARCHIVE_COUNT: &[u8] = b"archive_events";

@@ -30,8 +30,9 @@
 //!   stands on memory alone. It assigns sequence numbers in commit order, so the relay can read
 //!   the outbox as a log, and it alone reopens the database after a disk error.
 //! - **sled is an index over the body log, written by the writer's index thread** after the
-//!   answer: dedup keys, the outbox's reference, the time index and the counts in **one sled
-//!   transaction**, synced lazily; every open indexes again what a power cut took from it (see
+//!   answer: dedup keys, the outbox's reference and the time index as plain inserts, then the
+//!   counts and the mark of what is indexed in **one small sled transaction**, synced lazily;
+//!   every open indexes again what a power cut took from it (see
 //!   [`index`]). A reference reaches sled only after its record is synced, so there is never a
 //!   dedup key without its event.
 //! - **Housekeeping goes through `maintenance`, unsynced on purpose**: moving confirmed

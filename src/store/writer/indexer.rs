@@ -17,8 +17,8 @@ use crate::store::index::{self, IndexEntry};
 /// replay, and keeps sled's syncs from queueing behind every body-log sync on one disk.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(200);
 
-/// How long the thread lets new-event batches gather after the first one: one sled transaction
-/// for several batches costs less CPU than one each, and on two cores that CPU is the HTTP
+/// How long the thread lets new-event batches gather after the first one: one pass (and one
+/// sled transaction) for several batches costs less CPU than one each, and on two cores that CPU is the HTTP
 /// workers' and the writer's. The relay sees an event this much later at most.
 const GATHER: Duration = Duration::from_millis(5);
 
@@ -134,7 +134,7 @@ fn run(slot: Arc<Slot>, queue: Receiver<IndexJob>) {
 /// One pass over what was queued, in order.
 #[derive(Default)]
 struct Cycle {
-    /// Consecutive new-event batches for the same database, indexed in one transaction.
+    /// Consecutive new-event batches for the same database, indexed in one pass.
     batches: Vec<Vec<IndexEntry>>,
     database: Option<Arc<Database>>,
     /// Keys and highest number of what was indexed.
@@ -190,7 +190,7 @@ impl Cycle {
         }
     }
 
-    /// The new events gathered so far, in one transaction.
+    /// The new events gathered so far, in one pass.
     fn index_batches(&mut self, slot: &Slot) {
         let batches = std::mem::take(&mut self.batches);
         let Some(database) = self.database.take() else {
