@@ -69,21 +69,125 @@ pub fn decode_keys(mut bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
-/// Names of the counts kept in `meta`, in the same transactions as the moves they count, and,
-/// for new events, in the transaction that marks them indexed (see `index`).
+/// Counts kept in `meta` by the rare moves (quarantine, redelivery, sweeps), each in the same
+/// transaction as the move it counts. The busy paths, indexing new events and archiving
+/// published ones, keep their own totals in [`IndexState`] and [`ArchiveMoves`], written with
+/// plain inserts; a count is the sum of its parts ([`Counts`](super::database::Counts)).
+/// Values are `u64` and wrap: `outbox_events` goes below zero as the archive moves take out
+/// what the index thread put in.
 pub const OUTBOX_COUNT: &[u8] = b"outbox_events";
 pub const DEDUP_COUNT: &[u8] = b"dedup_keys";
 pub const ARCHIVE_COUNT: &[u8] = b"archive_events";
 pub const QUARANTINE_COUNT: &[u8] = b"quarantined_events";
-/// In `meta`: the highest sequence number from the body log whose dedup keys and reference are
-/// in sled, written in the same transaction as they are (see `index`).
+/// In `meta`, before [`INDEX_STATE`]: the highest sequence number indexed, beside counts that
+/// included the index thread's. Read only when a database has no `INDEX_STATE` yet.
 pub const INDEXED_THROUGH: &[u8] = b"indexed_through";
+/// In `meta`: the index thread's [`IndexState`].
+pub const INDEX_STATE: &[u8] = b"index_state";
+/// In `meta`: the relay's [`ArchiveMoves`].
+pub const ARCHIVE_MOVES: &[u8] = b"archive_moves";
 
 pub fn decode_count(bytes: &[u8]) -> u64 {
     bytes.try_into().map_or(0, u64::from_be_bytes)
 }
 
-/// Adds `delta` to a count inside a transaction.
+/// What the index thread has written into sled, as one value, so that one plain insert moves
+/// the mark and the totals together (a single value is written whole or not at all). sled
+/// recovers a prefix of its log, and the insert comes after the entries it counts (see
+/// `index`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IndexState {
+    /// Every frame at or below this has its entries in sled.
+    pub through: u64,
+    /// Events added to the outbox by indexing, in all.
+    pub events: u64,
+    /// Dedup keys added by indexing, in all.
+    pub keys: u64,
+}
+
+impl IndexState {
+    pub fn encode(&self) -> [u8; 24] {
+        let mut out = [0u8; 24];
+        out[..8].copy_from_slice(&self.through.to_be_bytes());
+        out[8..16].copy_from_slice(&self.events.to_be_bytes());
+        out[16..].copy_from_slice(&self.keys.to_be_bytes());
+        out
+    }
+
+    /// The stored state; a database from before it has only the mark, and counts that already
+    /// hold what its index thread added.
+    pub fn read(meta: &sled::Tree) -> Result<Self, sled::Error> {
+        if let Some(v) = meta.get(INDEX_STATE)? {
+            let word = |i: usize| v.get(i * 8..i * 8 + 8).map_or(0, decode_count);
+            return Ok(Self {
+                through: word(0),
+                events: word(1),
+                keys: word(2),
+            });
+        }
+        Ok(Self {
+            through: meta.get(INDEXED_THROUGH)?.map_or(0, |v| decode_count(&v)),
+            ..Self::default()
+        })
+    }
+}
+
+/// The relay's moves from the outbox to the archive, as one value written with a plain insert
+/// *before* the move it describes: the totals already count it, and `pending` lists its
+/// records, so that an open finishes a move a power cut interrupted (see
+/// `maintenance::finish_archive_moves`). One mover at a time writes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ArchiveMoves {
+    /// Records taken out of the outbox by moves, in all.
+    pub removed: u64,
+    /// Of those, the ones put into the archive (none while no archive is kept).
+    pub archived: u64,
+    /// The latest move: when the broker's confirms were booked, whether it archives, and its
+    /// records with the publishes each took.
+    pub published_at_ms: u64,
+    pub keep: bool,
+    pub pending: Vec<(u64, u32)>,
+}
+
+impl ArchiveMoves {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(25 + 12 * self.pending.len());
+        out.extend_from_slice(&self.removed.to_be_bytes());
+        out.extend_from_slice(&self.archived.to_be_bytes());
+        out.extend_from_slice(&self.published_at_ms.to_be_bytes());
+        out.push(u8::from(self.keep));
+        for (seq, attempts) in &self.pending {
+            out.extend_from_slice(&seq.to_be_bytes());
+            out.extend_from_slice(&attempts.to_be_bytes());
+        }
+        out
+    }
+
+    pub fn read(meta: &sled::Tree) -> Result<Self, StoreError> {
+        let Some(v) = meta.get(ARCHIVE_MOVES)? else {
+            return Ok(Self::default());
+        };
+        let corrupt = || StoreError::Unwritable("meta: archive_moves does not decode".into());
+        let (head, mut rest) = v.split_at_checked(25).ok_or_else(corrupt)?;
+        let mut pending = Vec::new();
+        while !rest.is_empty() {
+            let (entry, tail) = rest.split_at_checked(12).ok_or_else(corrupt)?;
+            let seq = decode_count(&entry[..8]);
+            let attempts = u32::from_be_bytes(entry[8..].try_into().map_err(|_| corrupt())?);
+            pending.push((seq, attempts));
+            rest = tail;
+        }
+        Ok(Self {
+            removed: decode_count(&head[..8]),
+            archived: decode_count(&head[8..16]),
+            published_at_ms: decode_count(&head[16..24]),
+            keep: head[24] != 0,
+            pending,
+        })
+    }
+}
+
+/// Adds `delta` to a count inside a transaction (wrapping: see [`OUTBOX_COUNT`]).
 pub fn add_count(
     meta: &TransactionalTree,
     name: &[u8],
@@ -93,7 +197,7 @@ pub fn add_count(
         return Ok(());
     }
     let current = meta.get(name)?.map_or(0, |v| decode_count(&v));
-    let updated = current.saturating_add_signed(delta);
+    let updated = current.wrapping_add_signed(delta);
     meta.insert(name, &updated.to_be_bytes())?;
     Ok(())
 }

@@ -14,36 +14,18 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use super::archive_moves;
 use super::bodies::BodyLog;
-use super::codec::{decode_count, ARCHIVE_COUNT, DEDUP_COUNT, OUTBOX_COUNT, QUARANTINE_COUNT};
+use super::codec::{
+    decode_count, ArchiveMoves, IndexState, ARCHIVE_COUNT, DEDUP_COUNT, OUTBOX_COUNT,
+    QUARANTINE_COUNT,
+};
 use super::disk::{self, DataDir};
 use super::error::StoreError;
 use super::index;
 use super::options::StoreOptions;
 
-/// sled, its trees, and the data directory it syncs.
-pub struct Database {
-    pub db: sled::Db,
-    pub data_dir: DataDir,
-    pub dedup: sled::Tree,
-    pub dedup_by_time: sled::Tree,
-    pub outbox: sled::Tree,
-    pub archive: sled::Tree,
-    /// Outbox records the relay could not publish: see [`super::maintenance::quarantine`].
-    pub quarantine: sled::Tree,
-    pub meta: sled::Tree,
-    /// The outbox records that sled holds references to (see [`super::bodies`]).
-    pub bodies: BodyLog,
-}
-
-impl Database {
-    /// sled's buffers to its files (`flush`), then what sled wrote to stable storage (see
-    /// [`disk`] for what a sync covers).
-    pub fn make_durable(&self) -> Result<(), String> {
-        self.db.flush().map_err(|e| e.to_string())?;
-        self.data_dir.sync().map_err(|e| format!("sync: {e}"))
-    }
-}
+pub use super::trees::Database;
 
 /// What lives as long as the store, across reopenings.
 pub struct Slot {
@@ -68,6 +50,8 @@ pub struct Slot {
     pub dedup_len: AtomicU64,
     pub archive_len: AtomicU64,
     pub quarantine_len: AtomicU64,
+    /// Held by the archive move: its record in `meta` lists one move at a time.
+    pub archive_mover: Mutex<()>,
     pub options: StoreOptions,
 }
 
@@ -88,6 +72,7 @@ impl Slot {
             dedup_len: AtomicU64::new(counts.dedup),
             archive_len: AtomicU64::new(counts.archive),
             quarantine_len: AtomicU64::new(counts.quarantine),
+            archive_mover: Mutex::new(()),
             options: options.clone(),
         })
     }
@@ -175,16 +160,47 @@ pub struct Counts {
     pub quarantine: u64,
 }
 
-/// A count from `meta`; a database without one (made before counts were kept) is counted once.
-fn stored_count(meta: &sled::Tree, name: &[u8], tree: &sled::Tree) -> Result<u64, StoreError> {
-    match meta.get(name)? {
-        Some(v) => Ok(decode_count(&v)),
-        None => {
-            let n = tree.len() as u64;
-            meta.insert(name, &n.to_be_bytes())?;
-            Ok(n)
+/// The counts at open: each is the count its rare moves keep in `meta`, plus the totals the
+/// index thread and the archive moves keep in their own records (see [`codec`](super::codec)).
+fn read_counts(database: &Database) -> Result<Counts, StoreError> {
+    let meta = &database.meta;
+    let index = IndexState::read(meta)?;
+    let moves = ArchiveMoves::read(meta)?;
+    Ok(Counts {
+        outbox: stored_count(
+            meta,
+            OUTBOX_COUNT,
+            &database.outbox,
+            index.events.wrapping_sub(moves.removed),
+        )?,
+        dedup: stored_count(meta, DEDUP_COUNT, &database.dedup, index.keys)?,
+        archive: stored_count(meta, ARCHIVE_COUNT, &database.archive, moves.archived)?,
+        quarantine: stored_count(meta, QUARANTINE_COUNT, &database.quarantine, 0)?,
+    })
+}
+
+/// A count from `meta` plus `elsewhere` (wrapping). A database without it (made before counts
+/// were kept), or one whose sum is past any real count (which only a defect could leave), is
+/// counted once, and the stored part set so that the sum is right.
+fn stored_count(
+    meta: &sled::Tree,
+    name: &[u8],
+    tree: &sled::Tree,
+    elsewhere: u64,
+) -> Result<u64, StoreError> {
+    if let Some(v) = meta.get(name)? {
+        let sum = decode_count(&v).wrapping_add(elsewhere);
+        if sum <= u64::MAX / 2 {
+            return Ok(sum);
         }
+        tracing::error!(
+            count = %String::from_utf8_lossy(name),
+            "a stored count is impossible; counting again"
+        );
     }
+    let n = tree.len() as u64;
+    meta.insert(name, &n.wrapping_sub(elsewhere).to_be_bytes())?;
+    Ok(n)
 }
 
 /// Opens sled on the data directory with its trees, and makes what it recovered durable.
@@ -224,13 +240,8 @@ pub fn open_database(options: &StoreOptions) -> Result<(Database, Counts), Store
         bodies,
     };
     index::replay(&database)?;
-    let meta = &database.meta;
-    let counts = Counts {
-        outbox: stored_count(meta, OUTBOX_COUNT, &database.outbox)?,
-        dedup: stored_count(meta, DEDUP_COUNT, &database.dedup)?,
-        archive: stored_count(meta, ARCHIVE_COUNT, &database.archive)?,
-        quarantine: stored_count(meta, QUARANTINE_COUNT, &database.quarantine)?,
-    };
+    archive_moves::finish(&database)?;
+    let counts = read_counts(&database)?;
     database.make_durable().map_err(StoreError::Unwritable)?;
     Ok((database, counts))
 }

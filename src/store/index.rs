@@ -9,34 +9,32 @@
 //! repaired here at the next open, before anything reads the store. Measured on the 2-core VM,
 //! sled's transaction, `flush` and sync were 1.75 ms of a 3.05-ms batch on the answer's path.
 //!
-//! **What tells an open where to start.** `meta`'s [`INDEXED_THROUGH`] is written, with the
-//! counts, in a sled transaction after the entries of the events up to it: sled recovers a
-//! prefix of its log (it cuts the log at the first torn or missing segment, see
-//! `check_contiguity_in_unstable_tail` in its `pagecache/iterator.rs`), so every frame at or
-//! below that number has its entries in sled (or they were moved on, archived or swept,
-//! since), and a frame above it may have some of them, which the replay writes again: every
-//! entry is a plain insert of a value derived from the frame, so writing it twice leaves the
-//! same thing. The writer draws sequence numbers in commit order and the index thread applies
-//! batches in that order, so the number only grows.
+//! **What tells an open where to start.** `meta`'s [`IndexState`] holds the highest sequence
+//! number indexed and the index thread's totals of events and keys, as one value written with
+//! a plain insert after the entries of the events up to it: sled recovers a prefix of its log
+//! (it cuts the log at the first torn or missing segment, see `check_contiguity_in_unstable_tail`
+//! in its `pagecache/iterator.rs`), so every frame at or below that number has its entries in
+//! sled (or they were moved on, archived or swept, since) and is counted, and a frame above it
+//! may have some of its entries but is not counted; the replay writes those again and counts
+//! them once. Every entry is a plain insert of a value derived from the frame, so writing it
+//! twice leaves the same thing. The writer draws sequence numbers in commit order and the
+//! index thread applies batches in that order, so the number only grows.
 //!
-//! **Why the entries are not in the transaction.** A sled transaction holds sled's global
-//! lock exclusively while it commits, and every other sled read waits: the writer's "seen
-//! before?" and the HTTP workers' duplicate lookups. At 5k/s the writer was seen waiting there
-//! 37 times a second, 2.4 ms each (README, performance). Plain inserts share the lock; the
-//! transaction that remains writes three values.
+//! **Why no transaction.** A sled transaction holds sled's global lock exclusively while it
+//! commits, and every other sled read waits: the writer's "seen before?" and the HTTP
+//! workers' duplicate lookups. And each one makes sled write its I/O buffer twice, with a
+//! `sync_file_range` each (`pin_log` in sled's `pagecache/mod.rs`): on one disk those writes
+//! queue with the body log's `fdatasync`. One value needs no transaction to be written whole.
+//! The counts the rare moves keep in their own transactions are separate keys (see
+//! [`codec`](super::codec)).
 
 use std::collections::HashSet;
 
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-
 use super::bodies::{Frame, REFERENCE_LEN};
-use super::codec::{
-    add_count, decode_count, encode_keys, seq_key, DedupEntry, TimeIndexKey, DEDUP_COUNT,
-    INDEXED_THROUGH, OUTBOX_COUNT,
-};
-use super::database::Database;
+use super::codec::{encode_keys, seq_key, DedupEntry, IndexState, TimeIndexKey, INDEX_STATE};
 use super::error::StoreError;
 use super::record::OutboxRecord;
+use super::trees::Database;
 
 /// One committed event, as sled indexes it.
 pub struct IndexEntry {
@@ -49,7 +47,7 @@ pub struct IndexEntry {
 /// Writes `batches` (each a writer batch, ascending sequence numbers, every record already
 /// synced in the body log): each event's dedup keys and outbox reference, one time-index entry
 /// per batch listing its keys (the sweeper's work list, which expires a batch's keys once its
-/// newest is old enough), then, in one transaction, the counts and [`INDEXED_THROUGH`].
+/// newest is old enough), then the mark and the totals in one value ([`IndexState`]).
 pub fn apply(database: &Database, batches: &[Vec<IndexEntry>]) -> Result<(), String> {
     let Some(last) = batches.iter().rev().find_map(|b| b.last()) else {
         return Ok(());
@@ -72,9 +70,8 @@ pub fn apply(database: &Database, batches: &[Vec<IndexEntry>]) -> Result<(), Str
         })
         .collect();
     let events = || batches.iter().flatten();
-    let added_events = events().count() as i64;
-    let added_keys = events().map(|e| e.keys.len()).sum::<usize>() as i64;
-    let through = last.seq.to_be_bytes();
+    let added_events = events().count() as u64;
+    let added_keys = events().map(|e| e.keys.len()).sum::<usize>() as u64;
     let storage = |e: sled::Error| e.to_string();
     for event in events() {
         let entry = DedupEntry {
@@ -99,31 +96,28 @@ pub fn apply(database: &Database, batches: &[Vec<IndexEntry>]) -> Result<(), Str
             .insert(&key[..], keys.as_slice())
             .map_err(storage)?;
     }
-    // Last, so that sled's recovered prefix never holds the mark without the entries.
+    // Last, and one value: sled's recovered prefix never holds the mark without the entries,
+    // nor the totals without the mark.
+    let before = IndexState::read(&database.meta).map_err(storage)?;
+    let after = IndexState {
+        through: last.seq,
+        events: before.events.wrapping_add(added_events),
+        keys: before.keys.wrapping_add(added_keys),
+    };
     database
         .meta
-        .transaction(|meta| {
-            add_count(meta, OUTBOX_COUNT, added_events)?;
-            add_count(meta, DEDUP_COUNT, added_keys)?;
-            meta.insert(INDEXED_THROUGH, &through[..])?;
-            Ok::<_, ConflictableTransactionError<()>>(())
-        })
-        .map_err(|e| match e {
-            TransactionError::Abort(()) => "transaction aborted".to_string(),
-            TransactionError::Storage(e) => e.to_string(),
-        })
+        .insert(INDEX_STATE, &after.encode()[..])
+        .map_err(storage)?;
+    Ok(())
 }
 
-/// Indexes every frame of the body log above [`INDEXED_THROUGH`]: what sled lost of the
+/// Indexes every frame of the body log above the mark of [`IndexState`]: what sled lost of the
 /// events answered before a power cut (or a crash, or a disk error that retired the
 /// database). Then makes sure sled's sequence numbers continue above every number the body log
 /// has seen, since sled's own record of the numbers it handed out may have been lost with the
 /// rest. Returns how many events it indexed.
 pub fn replay(database: &Database) -> Result<u64, StoreError> {
-    let indexed_through = database
-        .meta
-        .get(INDEXED_THROUGH)?
-        .map_or(0, |v| decode_count(&v));
+    let indexed_through = IndexState::read(&database.meta)?.through;
     let mut replayed = 0u64;
     let mut highest = indexed_through;
     database

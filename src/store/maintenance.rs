@@ -6,8 +6,10 @@
 //!
 //! None of this is synced on purpose, and none of it goes through the writer: a move lost in a
 //! power cut only means the event is published once more (at least once allows it), a sweep
-//! lost is done again, and the next batch's sync covers both anyway. sled's transactions keep
-//! these writes atomic against the writer's.
+//! lost is done again, and the next batch's sync covers both anyway. The rare moves (quarantine,
+//! sweeps) are sled transactions with their counts; the archive move, one per burst of
+//! confirms, is plain writes after a record of itself, finished at the next open if a power
+//! cut interrupted it ([`archive_published`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -18,10 +20,11 @@ use std::time::{Duration, Instant, SystemTime};
 use sled::transaction::ConflictableTransactionError;
 use sled::Transactional;
 
+use super::archive_moves;
 use super::codec::{
-    add_count, cutoff_ms, decode_archived, decode_keys, encode_archived, encode_quarantined,
-    seq_key, seq_of, transaction_error, unix_millis, DedupEntry, TimeIndexKey, ARCHIVE_COUNT,
-    DEDUP_COUNT, OUTBOX_COUNT, QUARANTINE_COUNT,
+    add_count, cutoff_ms, decode_archived, decode_keys, encode_quarantined, seq_key, seq_of,
+    transaction_error, unix_millis, ArchiveMoves, DedupEntry, TimeIndexKey, ARCHIVE_COUNT,
+    ARCHIVE_MOVES, DEDUP_COUNT, OUTBOX_COUNT, QUARANTINE_COUNT,
 };
 use super::database::Slot;
 use super::error::StoreError;
@@ -41,33 +44,43 @@ pub struct Confirmed {
 
 /// Moves confirmed records from the outbox to the archive, or deletes them when no archive is
 /// kept; returns how many were still in the outbox.
+///
+/// Plain inserts and removes, no transaction (see `index` for what a transaction costs the
+/// others): first the [`ArchiveMoves`] record, whose totals already count this move and which
+/// lists its records, then each record's archive entry, then its removal from the outbox.
+/// sled recovers a prefix of its log, so a power cut leaves the record without the move
+/// (nothing moved, nothing counted), or the record with part of the move, which the next open
+/// finishes ([`archive_moves::finish`]). A record is never in neither tree.
 pub fn archive_published(slot: &Slot, confirmed: &[Confirmed]) -> Result<u64, StoreError> {
     if confirmed.is_empty() {
         return Ok(0);
     }
     let database = slot.database()?;
     let keep = slot.options.keeps_archive();
-    let published_at_ms = unix_millis(SystemTime::now());
-    let moved = (&database.outbox, &database.archive, &database.meta)
-        .transaction(|(outbox, archive, meta)| {
-            let mut moved = 0;
-            for done in confirmed {
-                let key = seq_key(done.seq);
-                if let Some(bytes) = outbox.remove(&key[..])? {
-                    if keep {
-                        let entry = encode_archived(published_at_ms, done.attempts, &bytes);
-                        archive.insert(&key[..], entry)?;
-                    }
-                    moved += 1;
-                }
-            }
-            add_count(meta, OUTBOX_COUNT, -(moved as i64))?;
-            if keep {
-                add_count(meta, ARCHIVE_COUNT, moved as i64)?;
-            }
-            Ok::<_, ConflictableTransactionError<()>>(moved)
-        })
-        .map_err(transaction_error)?;
+    // The record lists the move in progress: a second mover at once would overwrite it.
+    let _mover = slot.archive_mover.lock().unwrap_or_else(|p| p.into_inner());
+    let mut moving = Vec::with_capacity(confirmed.len());
+    for done in confirmed {
+        if let Some(bytes) = database.outbox.get(seq_key(done.seq))? {
+            moving.push((*done, bytes));
+        }
+    }
+    if moving.is_empty() {
+        return Ok(0);
+    }
+    let moved = moving.len() as u64;
+    let before = ArchiveMoves::read(&database.meta)?;
+    let record = ArchiveMoves {
+        removed: before.removed.wrapping_add(moved),
+        archived: before.archived.wrapping_add(if keep { moved } else { 0 }),
+        published_at_ms: unix_millis(SystemTime::now()),
+        keep,
+        pending: moving.iter().map(|(d, _)| (d.seq, d.attempts)).collect(),
+    };
+    database.meta.insert(ARCHIVE_MOVES, record.encode())?;
+    for (done, bytes) in &moving {
+        archive_moves::move_one(&database, &record, done.seq, done.attempts, bytes)?;
+    }
     slot.outbox_len.fetch_sub(moved, Ordering::Relaxed);
     if keep {
         slot.archive_len.fetch_add(moved, Ordering::Relaxed);

@@ -4,9 +4,11 @@
 //! - `dedup`: dedup key → (receive time, outbox sequence number). Answers "seen before?".
 //! - `dedup_by_time`: (newest receive time ‖ first sequence number) of a written batch → the
 //!   keys it wrote. One entry per batch, not per event; the sweeper expires keys by range scan.
-//! - `meta`: the counts of outbox records, dedup keys and archived events, kept in the same
-//!   transactions as the writes and deletes they count, so that a start never has to scan a
-//!   million entries (a scan measured 170 MB of extra peak memory with 1M events waiting).
+//! - `meta`: the counts of outbox records, dedup keys and archived events, so that a start
+//!   never has to scan a million entries (a scan measured 170 MB of extra peak memory with 1M
+//!   events waiting). Each count is kept in parts: the rare moves' part in the same
+//!   transactions as the writes they count, the index thread's in its mark's value, the
+//!   archive moves' in a record written before each move (see [`codec`]).
 //! - `outbox`: sequence number (big-endian) → a reference to the event's [`OutboxRecord`] in
 //!   the [`bodies`] log (or, for redelivered events and databases written before it, the
 //!   record itself). The relay reads it in order.
@@ -17,9 +19,10 @@
 //!   operator puts it back; everything behind it is published meanwhile.
 //!
 //! The modules, leaves first: [`codec`] (keys and values on disk), [`record`] and [`bodies`]
-//! (the records' own segment files), [`index`] (what sled holds for a committed event, and
-//! the replay at open); `database`
-//! (sled and its trees, and the slot that outlives a reopening); then the three that use them
+//! (the records' own segment files), `trees` (sled's trees and the body log as one value),
+//! [`index`] (what sled holds for a committed event, and the replay at open) and
+//! `archive_moves` (an archive move's writes, and finishing one at open); `database`
+//! (the open, and the slot that outlives a reopening); then the three that use them
 //! and never each other's internals: the [`writer`] thread, the `maintenance` thread and
 //! functions, and the read-side `queries`. [`Store`] is the handle over all of them.
 //!
@@ -31,16 +34,18 @@
 //!   the outbox as a log, and it alone reopens the database after a disk error.
 //! - **sled is an index over the body log, written by the writer's index thread** after the
 //!   answer: dedup keys, the outbox's reference and the time index as plain inserts, then the
-//!   counts and the mark of what is indexed in **one small sled transaction**, synced lazily;
+//!   mark of what is indexed and its totals as **one value**, no sled transaction, synced lazily;
 //!   every open indexes again what a power cut took from it (see
 //!   [`index`]). A reference reaches sled only after its record is synced, so there is never a
 //!   dedup key without its event.
 //! - **Housekeeping goes through `maintenance`, unsynced on purpose**: moving confirmed
-//!   events to the archive and unpublishable ones to the quarantine (called by the relay), and
-//!   sweeping what outlived its retention (the store's own maintenance thread).
+//!   events to the archive (plain writes after a record of the move, finished by the next open
+//!   if a power cut interrupted it) and unpublishable ones to the quarantine (called by the
+//!   relay), and sweeping what outlived its retention (the store's own maintenance thread).
 //!
 //! A duplicate whose original is already durable is answered without the writer.
 
+mod archive_moves;
 mod bodies;
 mod codec;
 mod database;
@@ -51,6 +56,7 @@ mod maintenance;
 pub mod options;
 mod queries;
 mod record;
+mod trees;
 mod writer;
 
 use std::sync::Arc;

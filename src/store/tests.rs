@@ -540,12 +540,12 @@ fn a_reopen_waits_out_a_child_that_has_not_yet_exec_d() {
 }
 
 /// What a power cut may leave now that an event's index entries are written before, and
-/// outside, the transaction with the counts and the mark: the entries of the last events in
-/// sled, the counts and `indexed_through` from before them. The open indexes those events
-/// again from the body log, counting each once.
+/// outside, the value with the mark and the totals: the entries of the last events in sled,
+/// the mark and the totals from before them. The open indexes those events again from the body
+/// log, counting each once.
 #[tokio::test]
 async fn entries_sled_kept_without_their_mark_are_indexed_again_and_counted_once() {
-    use super::codec::{DEDUP_COUNT, INDEXED_THROUGH, OUTBOX_COUNT};
+    use super::codec::{DEDUP_COUNT, INDEX_STATE, OUTBOX_COUNT};
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let now = unix_millis(SystemTime::now());
@@ -557,7 +557,7 @@ async fn entries_sled_kept_without_their_mark_are_indexed_again_and_counted_once
             .map(|name| meta.get(name).unwrap().map(|v| v.to_vec()))
             .collect::<Vec<_>>()
     };
-    let names: [&[u8]; 3] = [INDEXED_THROUGH, OUTBOX_COUNT, DEDUP_COUNT];
+    let names: [&[u8]; 3] = [INDEX_STATE, OUTBOX_COUNT, DEDUP_COUNT];
     {
         let store = open(&data, 10);
         assert_eq!(store.accept(record("a", now)).await.unwrap(), Stored::New);
@@ -609,4 +609,159 @@ async fn entries_sled_kept_without_their_mark_are_indexed_again_and_counted_once
     let store = open(&data, 10);
     assert_eq!(store.stats().outbox_events, 3);
     assert_eq!(store.stats().dedup_keys, 3);
+}
+
+/// Opens sled on a closed store's data directory, as a power cut would have left it.
+fn sled_of(data: &Path) -> sled::Db {
+    sled::Config::new().path(data).open().unwrap()
+}
+
+/// What a power cut may leave of an archive move, now that it is plain writes after a record
+/// of itself: the record (its totals counting the move), and only part of the move. Here `b`
+/// has its archive entry but is still in the outbox, and `c` was not touched. The open
+/// finishes the move, and counts it once.
+#[tokio::test]
+async fn an_archive_move_a_power_cut_interrupted_is_finished_at_open_and_counted_once() {
+    use super::codec::{encode_archived, seq_key, ArchiveMoves, ARCHIVE_MOVES};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let now = unix_millis(SystemTime::now());
+    let seqs = {
+        let store = open(&data, 10);
+        for key in ["a", "b", "c"] {
+            assert_eq!(store.accept(record(key, now)).await.unwrap(), Stored::New);
+        }
+        store.indexed().await;
+        let seqs: Vec<u64> = store
+            .outbox_after(None, 10)
+            .unwrap()
+            .entries
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        let a = Confirmed {
+            seq: seqs[0],
+            attempts: 1,
+        };
+        assert_eq!(store.archive_published(&[a]).unwrap(), 1);
+        store.close();
+        seqs
+    };
+    {
+        let db = sled_of(&data);
+        let meta = db.open_tree("meta").unwrap();
+        let outbox = db.open_tree("outbox").unwrap();
+        let archive = db.open_tree("archive").unwrap();
+        let before = ArchiveMoves::read(&meta).unwrap();
+        assert_eq!((before.removed, before.archived), (1, 1));
+        let published_at_ms = now + 5;
+        let record = ArchiveMoves {
+            removed: 3,
+            archived: 3,
+            published_at_ms,
+            keep: true,
+            pending: vec![(seqs[1], 3), (seqs[2], 4)],
+        };
+        meta.insert(ARCHIVE_MOVES, record.encode()).unwrap();
+        let b = outbox.get(seq_key(seqs[1])).unwrap().unwrap();
+        archive
+            .insert(seq_key(seqs[1]), encode_archived(published_at_ms, 3, &b))
+            .unwrap();
+        db.flush().unwrap();
+    }
+
+    for _ in 0..2 {
+        let store = open(&data, 10);
+        let stats = store.stats();
+        assert_eq!((stats.outbox_events, stats.archive_events), (0, 3));
+        assert!(store.outbox_after(None, 10).unwrap().entries.is_empty());
+        for (key, attempts) in [("a", 1), ("b", 3), ("c", 4)] {
+            let event = store.find_event(key).unwrap().unwrap();
+            assert_eq!(
+                (event.status, event.attempts),
+                (EventStatus::Published, attempts)
+            );
+        }
+        store.close();
+    }
+}
+
+/// A database written before the index thread kept its own totals: the mark in
+/// `indexed_through`, and counts that include what it indexed. Its counts stay right through
+/// the first open, new events and the next open.
+#[tokio::test]
+async fn a_database_from_before_the_index_totals_keeps_its_counts() {
+    use super::codec::{ARCHIVE_MOVES, DEDUP_COUNT, INDEXED_THROUGH, INDEX_STATE, OUTBOX_COUNT};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let now = unix_millis(SystemTime::now());
+    {
+        let store = open(&data, 10);
+        for key in ["a", "b"] {
+            assert_eq!(store.accept(record(key, now)).await.unwrap(), Stored::New);
+        }
+        store.close();
+    }
+    {
+        let db = sled_of(&data);
+        let meta = db.open_tree("meta").unwrap();
+        let through = super::codec::IndexState::read(&meta).unwrap().through;
+        meta.remove(INDEX_STATE).unwrap();
+        meta.remove(ARCHIVE_MOVES).unwrap();
+        meta.insert(INDEXED_THROUGH, &through.to_be_bytes())
+            .unwrap();
+        meta.insert(OUTBOX_COUNT, &2u64.to_be_bytes()).unwrap();
+        meta.insert(DEDUP_COUNT, &2u64.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    let store = open(&data, 10);
+    assert_eq!(
+        (store.stats().outbox_events, store.stats().dedup_keys),
+        (2, 2)
+    );
+    assert_eq!(store.accept(record("c", now)).await.unwrap(), Stored::New);
+    assert_eq!(
+        store.accept(record("a", now)).await.unwrap(),
+        Stored::Duplicate
+    );
+    store.indexed().await;
+    assert_eq!(
+        (store.stats().outbox_events, store.stats().dedup_keys),
+        (3, 3)
+    );
+    store.close();
+    drop(store);
+    let store = open(&data, 10);
+    assert_eq!(
+        (store.stats().outbox_events, store.stats().dedup_keys),
+        (3, 3)
+    );
+}
+
+/// A stored count that no real store could have (only a defect could leave one) is not
+/// believed: the open counts the tree instead, and the count stays right afterwards.
+#[tokio::test]
+async fn an_impossible_count_is_counted_again_at_open() {
+    use super::codec::OUTBOX_COUNT;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let now = unix_millis(SystemTime::now());
+    {
+        let store = open(&data, 10);
+        assert_eq!(store.accept(record("a", now)).await.unwrap(), Stored::New);
+        store.close();
+    }
+    {
+        let db = sled_of(&data);
+        let meta = db.open_tree("meta").unwrap();
+        meta.insert(OUTBOX_COUNT, &(u64::MAX - 5).to_be_bytes())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let store = open(&data, 10);
+    assert_eq!(store.stats().outbox_events, 1);
+    assert_eq!(store.accept(record("b", now)).await.unwrap(), Stored::New);
+    store.close();
+    drop(store);
+    assert_eq!(open(&data, 10).stats().outbox_events, 2);
 }

@@ -18,12 +18,12 @@ use crate::store::index::{self, IndexEntry};
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(200);
 
 /// How long the thread lets new-event batches gather after the first one: one pass (and one
-/// sled transaction) for several batches costs less CPU than one each, and on two cores that CPU is the HTTP
-/// workers' and the writer's. The relay sees an event this much later at most.
+/// write of the mark) for several batches costs less CPU than one each, and on two cores that
+/// CPU is the HTTP workers' and the writer's. The relay sees an event this much later at most.
 const GATHER: Duration = Duration::from_millis(5);
 
 /// Batches the writer may hand over before it waits for this thread: enough for one
-/// transaction to take several of them when sled falls behind, few enough that the map of
+/// pass to take several of them when sled falls behind, few enough that the map of
 /// unindexed keys stays small.
 const QUEUE: usize = 16;
 

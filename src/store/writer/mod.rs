@@ -7,8 +7,8 @@
 //! the more requests share one sync.
 //!
 //! The **index** thread ([`indexer`]) then writes what sled holds for those events (dedup
-//! keys, the outbox's references, the time index; then the counts and the mark in one small
-//! sled transaction) once per cycle, and syncs sled only every [`indexer::SYNC_INTERVAL`] or when an answer waits on it:
+//! keys, the outbox's references, the time index; then the mark and its totals as one value)
+//! once per cycle, and syncs sled only every [`indexer::SYNC_INTERVAL`] or when an answer waits on it:
 //! what a power cut takes from sled, the next open writes again from the body log (see
 //! [`index`](super::index)). Until an event is indexed its keys stay in the slot's
 //! `unindexed` map, which the writer's "seen before?" reads too, and the relay does not see it
