@@ -135,7 +135,7 @@ impl IndexState {
 /// The relay's moves from the outbox to the archive, as one value written with a plain insert
 /// *before* the move it describes: the totals already count it, and `pending` lists its
 /// records, so that an open finishes a move a power cut interrupted (see
-/// `maintenance::finish_archive_moves`). One mover at a time writes it.
+/// `archive_moves::finish`). One mover at a time writes it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ArchiveMoves {
     /// Records taken out of the outbox by moves, in all.

@@ -17,6 +17,11 @@ fn open(dir: &Path, outbox_max: u64) -> Store {
     Store::open(&options(dir, outbox_max)).unwrap()
 }
 
+/// Opens sled on a closed store's data directory, as a power cut would have left it.
+fn sled_of(data: &Path) -> sled::Db {
+    sled::Config::new().path(data).open().unwrap()
+}
+
 fn record(key: &str, received_at_ms: u64) -> OutboxRecord {
     record_of(key, "call.ended", received_at_ms)
 }
@@ -550,7 +555,7 @@ async fn entries_sled_kept_without_their_mark_are_indexed_again_and_counted_once
     let data = dir.path().join("data");
     let now = unix_millis(SystemTime::now());
     let meta_of = |names: &[&[u8]]| {
-        let db = sled::Config::new().path(&data).open().unwrap();
+        let db = sled_of(&data);
         let meta = db.open_tree("meta").unwrap();
         names
             .iter()
@@ -576,7 +581,7 @@ async fn entries_sled_kept_without_their_mark_are_indexed_again_and_counted_once
         "b and c moved the mark and the counts"
     );
     {
-        let db = sled::Config::new().path(&data).open().unwrap();
+        let db = sled_of(&data);
         let meta = db.open_tree("meta").unwrap();
         for (name, value) in names.iter().zip(&after_a) {
             meta.insert(name, value.clone().unwrap()).unwrap();
@@ -609,11 +614,6 @@ async fn entries_sled_kept_without_their_mark_are_indexed_again_and_counted_once
     let store = open(&data, 10);
     assert_eq!(store.stats().outbox_events, 3);
     assert_eq!(store.stats().dedup_keys, 3);
-}
-
-/// Opens sled on a closed store's data directory, as a power cut would have left it.
-fn sled_of(data: &Path) -> sled::Db {
-    sled::Config::new().path(data).open().unwrap()
 }
 
 /// What a power cut may leave of an archive move, now that it is plain writes after a record
