@@ -22,6 +22,18 @@ fn sled_of(data: &Path) -> sled::Db {
     sled::Config::new().path(data).open().unwrap()
 }
 
+/// Opens the store on `data`, stores each of `keys` as a new event, and closes it.
+async fn store_new(data: &Path, keys: &[&str], received_at_ms: u64) {
+    let store = open(data, 10);
+    for key in keys {
+        assert_eq!(
+            store.accept(record(key, received_at_ms)).await.unwrap(),
+            Stored::New
+        );
+    }
+    store.close();
+}
+
 fn record(key: &str, received_at_ms: u64) -> OutboxRecord {
     record_of(key, "call.ended", received_at_ms)
 }
@@ -402,9 +414,7 @@ async fn a_quarantined_record_keeps_its_body_when_its_segment_goes() {
     let dir = tempfile::tempdir().unwrap();
     let now = unix_millis(SystemTime::now());
     for key in ["refused", "published"] {
-        let store = open(dir.path(), 10);
-        assert_eq!(store.accept(record(key, now)).await.unwrap(), Stored::New);
-        store.close();
+        store_new(dir.path(), &[key], now).await;
     }
     let store = open(dir.path(), 10);
     store.indexed().await;
@@ -459,11 +469,7 @@ async fn events_sled_lost_after_their_answer_are_indexed_again_from_the_body_log
     let data = dir.path().join("data");
     let saved = dir.path().join("sled-before");
     let now = unix_millis(SystemTime::now());
-    {
-        let store = open(&data, 10);
-        assert_eq!(store.accept(record("a", now)).await.unwrap(), Stored::New);
-        store.close();
-    }
+    store_new(&data, &["a"], now).await;
     copy_sled_files(&data, &saved);
     {
         let store = open(&data, 10);
@@ -563,18 +569,9 @@ async fn entries_sled_kept_without_their_mark_are_indexed_again_and_counted_once
             .collect::<Vec<_>>()
     };
     let names: [&[u8]; 3] = [INDEX_STATE, OUTBOX_COUNT, DEDUP_COUNT];
-    {
-        let store = open(&data, 10);
-        assert_eq!(store.accept(record("a", now)).await.unwrap(), Stored::New);
-        store.close();
-    }
+    store_new(&data, &["a"], now).await;
     let after_a = meta_of(&names);
-    {
-        let store = open(&data, 10);
-        assert_eq!(store.accept(record("b", now)).await.unwrap(), Stored::New);
-        assert_eq!(store.accept(record("c", now)).await.unwrap(), Stored::New);
-        store.close();
-    }
+    store_new(&data, &["b", "c"], now).await;
     assert_ne!(
         meta_of(&names),
         after_a,
@@ -695,13 +692,7 @@ async fn a_database_from_before_the_index_totals_keeps_its_counts() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let now = unix_millis(SystemTime::now());
-    {
-        let store = open(&data, 10);
-        for key in ["a", "b"] {
-            assert_eq!(store.accept(record(key, now)).await.unwrap(), Stored::New);
-        }
-        store.close();
-    }
+    store_new(&data, &["a", "b"], now).await;
     {
         let db = sled_of(&data);
         let meta = db.open_tree("meta").unwrap();
@@ -746,11 +737,7 @@ async fn an_impossible_count_is_counted_again_at_open() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let now = unix_millis(SystemTime::now());
-    {
-        let store = open(&data, 10);
-        assert_eq!(store.accept(record("a", now)).await.unwrap(), Stored::New);
-        store.close();
-    }
+    store_new(&data, &["a"], now).await;
     {
         let db = sled_of(&data);
         let meta = db.open_tree("meta").unwrap();
