@@ -215,10 +215,7 @@ pub fn open_database(options: &StoreOptions) -> Result<(Database, Counts), Store
     disk::check_kernel().map_err(StoreError::Unwritable)?;
     disk::evict_cached_pages(&options.data_dir).map_err(unwritable)?;
     std::fs::create_dir_all(&options.data_dir).map_err(unwritable)?;
-    let db = sled::Config::new()
-        .path(&options.data_dir)
-        .cache_capacity(options.cache_size)
-        .open()?;
+    let db = open_sled(options)?;
     // Before the data directory's first sync, which then covers `bodies/` and its entry.
     let bodies = BodyLog::open(&options.data_dir).map_err(unwritable)?;
     let data_dir = DataDir::open(&options.data_dir).map_err(unwritable)?;
@@ -282,3 +279,30 @@ pub fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, StoreError> {
 
 /// How long an open waits for the data directory's lock before it reports another process.
 const LOCK_PATIENCE: Duration = Duration::from_secs(2);
+
+/// sled's own lock, on its `db` file, can be held for a moment after the data directory's is
+/// free: sled's threads close the file after the store let go of the directory, and a child
+/// forked meanwhile keeps a copy until its exec. With the directory's lock held no other relay
+/// can hold sled's, so the open waits that moment out as [`lock_data_dir`] does. The held lock
+/// is told by its kind, on a descriptor of our own, not by sled's error text.
+fn open_sled(options: &StoreOptions) -> Result<sled::Db, StoreError> {
+    let deadline = Instant::now() + LOCK_PATIENCE;
+    loop {
+        match sled::Config::new()
+            .path(&options.data_dir)
+            .cache_capacity(options.cache_size)
+            .open()
+        {
+            Ok(db) => return Ok(db),
+            Err(_) if Instant::now() < deadline && sled_lock_held(&options.data_dir) => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn sled_lock_held(data_dir: &Path) -> bool {
+    std::fs::File::open(data_dir.join("db"))
+        .is_ok_and(|file| matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
+}

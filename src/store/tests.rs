@@ -550,6 +550,28 @@ fn a_reopen_waits_out_a_child_that_has_not_yet_exec_d() {
     starter.join().unwrap();
 }
 
+/// sled's own lock outlives the store that held it for a moment when sled's threads close its
+/// file late, or a child forked meanwhile holds a copy: an open waits that out too, as it does
+/// for the data directory's lock.
+#[test]
+fn an_open_waits_out_a_moment_of_sled_s_own_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path(), 10));
+    let held = std::fs::File::open(dir.path().join("db")).unwrap();
+    held.try_lock().unwrap();
+    let holder = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        drop(held);
+    });
+    let again = Store::open(&options(dir.path(), 10));
+    assert!(
+        again.is_ok(),
+        "opening while sled's lock was held for a moment failed: {:?}",
+        again.err()
+    );
+    holder.join().unwrap();
+}
+
 /// What a power cut may leave now that an event's index entries are written before, and
 /// outside, the value with the mark and the totals: the entries of the last events in sled,
 /// the mark and the totals from before them. The open indexes those events again from the body
