@@ -49,6 +49,7 @@ mod archive_moves;
 mod bodies;
 mod codec;
 mod database;
+mod dedup_index;
 mod disk;
 mod error;
 mod index;
