@@ -49,6 +49,7 @@ impl TimeIndexKey {
     }
 }
 
+#[cfg(test)]
 /// A batch's keys as one value: each key prefixed by its length (keys are ≤ 255 bytes).
 pub fn encode_keys<'a>(keys: impl Iterator<Item = &'a str>) -> Vec<u8> {
     let mut out = Vec::new();

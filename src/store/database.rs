@@ -20,6 +20,7 @@ use super::codec::{
     decode_count, ArchiveMoves, IndexState, ARCHIVE_COUNT, DEDUP_COUNT, OUTBOX_COUNT,
     QUARANTINE_COUNT,
 };
+use super::dedup_index::DedupIndex;
 use super::disk::{self, DataDir};
 use super::error::StoreError;
 use super::index;
@@ -173,7 +174,8 @@ fn read_counts(database: &Database) -> Result<Counts, StoreError> {
             &database.outbox,
             index.events.wrapping_sub(moves.removed),
         )?,
-        dedup: stored_count(meta, DEDUP_COUNT, &database.dedup, index.keys)?,
+        dedup: stored_count(meta, DEDUP_COUNT, &database.dedup, index.keys)?
+            + database.dedup_index.len(),
         archive: stored_count(meta, ARCHIVE_COUNT, &database.archive, moves.archived)?,
         quarantine: stored_count(meta, QUARANTINE_COUNT, &database.quarantine, 0)?,
     })
@@ -221,6 +223,14 @@ pub fn open_database(options: &StoreOptions) -> Result<(Database, Counts), Store
     let data_dir = DataDir::open(&options.data_dir).map_err(unwritable)?;
     let dedup = db.open_tree("dedup")?;
     let dedup_by_time = db.open_tree("dedup_by_time")?;
+    let retention_ms = u64::try_from(options.dedup_retention.as_millis()).unwrap_or(u64::MAX);
+    let (dedup_index, _) = DedupIndex::open(
+        &options.data_dir.join(DEDUP_INDEX_DIR),
+        DEDUP_MAP_CAPACITY,
+        retention_ms,
+    )
+    .map_err(unwritable)?;
+    let legacy_dedup = (!dedup.is_empty()).into();
     let outbox = db.open_tree("outbox")?;
     let archive = db.open_tree("archive")?;
     let quarantine = db.open_tree("quarantine")?;
@@ -230,12 +240,17 @@ pub fn open_database(options: &StoreOptions) -> Result<(Database, Counts), Store
         data_dir,
         dedup,
         dedup_by_time,
+        dedup_index,
+        legacy_dedup,
         outbox,
         archive,
         quarantine,
         meta,
         bodies,
     };
+    // A data directory from before the dedup index: its keys up to sled's mark are in sled.
+    let marked = IndexState::read(&database.meta)?.through;
+    database.dedup_index.adopt(marked).map_err(unwritable)?;
     index::replay(&database)?;
     archive_moves::finish(&database)?;
     let counts = read_counts(&database)?;
@@ -244,6 +259,11 @@ pub fn open_database(options: &StoreOptions) -> Result<(Database, Counts), Store
 }
 
 const LOCK_FILE: &str = "kallina-relay.lock";
+/// The dedup index's directory, inside the data directory.
+const DEDUP_INDEX_DIR: &str = "dedup-index";
+/// Keys the dedup index keeps in memory before it writes them to a file: about 4 MiB of map,
+/// and as many keys for an open to read again from the body log.
+const DEDUP_MAP_CAPACITY: usize = 131_072;
 
 /// The data directory's own lock file, locked for as long as the store is open: a second
 /// process is refused by the lock's kind (`WouldBlock`), not by reading sled's error text, and

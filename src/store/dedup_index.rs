@@ -1,6 +1,6 @@
 //! The dedup index: "was this key stored, and as which event?", without sled's B-tree work per
-//! key. Not wired into the store yet (branch `dedup-index`); see the README's performance
-//! section, "2026-12-05, late night", for what it is measured to gain and what it still needs.
+//! key (see the README's performance section, "2026-12-05, late night", for what that work
+//! cost).
 //!
 //! **Shape.** Keys are reduced to 16-byte fingerprints (the first half of their SHA-256). The
 //! newest keys live in a bounded map in memory. When the map holds `map_capacity` keys it is
@@ -23,9 +23,6 @@
 //! thread; every later insert reports the failure, so that the store can retire and reopen,
 //! which rebuilds the map from the body log. A block whose checksum fails is an error, never
 //! "not found": a lookup that cannot read must not call a stored event new.
-
-// Not wired into the store yet: nothing outside the tests calls it.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -67,7 +64,6 @@ pub fn fingerprint(key: &str) -> Fingerprint {
 
 /// The dedup index of one data directory.
 pub struct DedupIndex {
-    dir: PathBuf,
     map_capacity: usize,
     shared: Arc<Shared>,
     flushes: Mutex<Option<SyncSender<Arc<Frozen>>>>,
@@ -153,7 +149,6 @@ impl DedupIndex {
         };
         Ok((
             Self {
-                dir: dir.to_path_buf(),
                 map_capacity: map_capacity.max(1),
                 shared,
                 flushes: Mutex::new(Some(flushes)),
@@ -219,27 +214,92 @@ impl DedupIndex {
         Ok(())
     }
 
-    /// Drops the runs whose newest entry is older than `cutoff_ms`; returns how many entries
-    /// went. Partly expired runs lose their old entries at the next merge.
+    /// Writes the map's keys to a file now, whatever their number, and returns once they are
+    /// in one (or the flush failed): a quiet relay's keys must not keep the body log's segments
+    /// alive, nor outlive their retention in memory. The maintenance thread calls it before
+    /// every sweep.
+    pub fn flush(&self) -> io::Result<()> {
+        if let Some(reason) = self.failure() {
+            return Err(io::Error::other(reason));
+        }
+        // Only one map is frozen at a time: the flush thread's, if any, goes first.
+        let _manifest = loop {
+            let manifest = lock(&self.shared.manifest);
+            if read(&self.shared.state).frozen.is_none() {
+                break manifest;
+            }
+            drop(manifest);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        };
+        let frozen = {
+            let mut state = write(&self.shared.state);
+            if state.active.is_empty() {
+                return Ok(());
+            }
+            let frozen = Arc::new(Frozen {
+                map: std::mem::take(&mut state.active),
+                through: state.active_through,
+            });
+            state.frozen = Some(frozen.clone());
+            frozen
+        };
+        drop(_manifest);
+        flush(&self.shared, &frozen).inspect_err(|e| {
+            *lock(&self.shared.failed) = Some(format!("dedup index flush: {e}"));
+        })
+    }
+
+    /// Removes the entries received before `cutoff_ms` from the files (call [`flush`] first for
+    /// the map's); returns how many went. A file wholly expired goes; one partly expired is
+    /// written again without them.
     pub fn expire(&self, cutoff_ms: u64) -> io::Result<u64> {
         let mut manifest = lock(&self.shared.manifest);
         let runs = read(&self.shared.state).runs.clone();
-        let (gone, kept): (Vec<_>, Vec<_>) =
-            runs.iter().partition(|r| r.newest_received_ms < cutoff_ms);
-        if gone.is_empty() {
+        if runs.iter().all(|r| r.oldest_received_ms >= cutoff_ms) {
             return Ok(0);
+        }
+        let mut removed = 0u64;
+        let mut kept = Vec::with_capacity(runs.len());
+        let mut next_id = manifest.next_id;
+        for run in runs.iter() {
+            if run.oldest_received_ms >= cutoff_ms {
+                kept.push(run.clone());
+                continue;
+            }
+            if run.newest_received_ms < cutoff_ms {
+                removed += run.len as u64;
+                continue;
+            }
+            let entries: Vec<_> = run
+                .entries()?
+                .into_iter()
+                .filter(|(_, e)| e.received_at_ms >= cutoff_ms)
+                .collect();
+            removed += (run.len - entries.len()) as u64;
+            if !entries.is_empty() {
+                let id = next_id;
+                next_id += 1;
+                kept.push(Arc::new(Run::write(
+                    &run_path(&self.shared.dir, id),
+                    id,
+                    &entries,
+                )?));
+            }
         }
         let next = Manifest {
             runs: kept.iter().map(|r| r.id).collect(),
+            next_id,
             ..manifest.clone()
         };
         next.write(&self.shared.dir)?;
         *manifest = next;
-        write(&self.shared.state).runs = Arc::new(kept.into_iter().cloned().collect());
-        for run in &gone {
-            let _ = std::fs::remove_file(run_path(&self.shared.dir, run.id));
+        write(&self.shared.state).runs = Arc::new(kept);
+        for run in runs.iter() {
+            if !manifest.runs.contains(&run.id) {
+                let _ = std::fs::remove_file(run_path(&self.shared.dir, run.id));
+            }
         }
-        Ok(gone.iter().map(|r| r.len as u64).sum())
+        Ok(removed)
     }
 
     /// Entries held, the expired ones not yet dropped included.
@@ -248,6 +308,23 @@ impl DedupIndex {
         state.active.len() as u64
             + state.frozen.as_ref().map_or(0, |f| f.map.len() as u64)
             + state.runs.iter().map(|r| r.len as u64).sum::<u64>()
+    }
+
+    /// On a data directory that had no dedup index: the keys up to `through` are elsewhere (in
+    /// sled, where the store kept them before), so the replay starts above it. Does nothing
+    /// once a manifest exists.
+    pub fn adopt(&self, through: u64) -> io::Result<()> {
+        let mut manifest = lock(&self.shared.manifest);
+        if self.shared.dir.join(MANIFEST).exists() {
+            return Ok(());
+        }
+        let next = Manifest {
+            flushed_through: through,
+            ..manifest.clone()
+        };
+        next.write(&self.shared.dir)?;
+        *manifest = next;
+        Ok(())
     }
 
     /// The highest sequence number whose keys are all in synced runs: the body log must keep
@@ -267,10 +344,6 @@ impl DedupIndex {
         if let Some(thread) = lock(&self.thread).take() {
             let _ = thread.join();
         }
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 }
 
@@ -360,6 +433,7 @@ struct Run {
     file: File,
     len: usize,
     newest_received_ms: u64,
+    oldest_received_ms: u64,
     block_crcs: Vec<u32>,
     /// The first fingerprint of each block.
     fences: Vec<Fingerprint>,
@@ -386,12 +460,18 @@ impl Run {
             .map(|(_, e)| e.received_at_ms)
             .max()
             .unwrap_or(0);
+        let oldest_received_ms = entries
+            .iter()
+            .map(|(_, e)| e.received_at_ms)
+            .min()
+            .unwrap_or(0);
         let mut out = Vec::with_capacity(RUN_HEADER + body.len() + blocks * 20 + bloom.len() * 8);
         out.extend_from_slice(RUN_MAGIC);
         out.extend_from_slice(&(entries.len() as u64).to_le_bytes());
         out.extend_from_slice(&(bloom.len() as u64).to_le_bytes());
         out.extend_from_slice(&newest_received_ms.to_le_bytes());
-        out.extend_from_slice(&[0u8; 12]);
+        out.extend_from_slice(&oldest_received_ms.to_le_bytes());
+        out.extend_from_slice(&[0u8; 4]);
         let header_crc = crc32fast::hash(&out[..RUN_HEADER - 4]);
         out.extend_from_slice(&header_crc.to_le_bytes());
         out.extend_from_slice(&body);
@@ -419,6 +499,7 @@ impl Run {
             file,
             len: entries.len(),
             newest_received_ms,
+            oldest_received_ms,
             block_crcs,
             fences,
             bloom,
@@ -451,6 +532,7 @@ impl Run {
         let bloom_words =
             usize::try_from(u64_at(&header, 16)).map_err(|_| corrupt("bad filter"))?;
         let newest_received_ms = u64_at(&header, 24);
+        let oldest_received_ms = u64_at(&header, 32);
         let blocks = len.div_ceil(BLOCK);
         let meta_len = blocks * 4 + blocks * 16 + bloom_words * 8;
         let mut meta = vec![0u8; meta_len + 4];
@@ -465,6 +547,7 @@ impl Run {
             file,
             len,
             newest_received_ms,
+            oldest_received_ms,
             block_crcs: crcs
                 .chunks(4)
                 .map(|c| u32::from_le_bytes(c.try_into().unwrap()))

@@ -31,7 +31,7 @@
 use std::collections::HashSet;
 
 use super::bodies::{Frame, REFERENCE_LEN};
-use super::codec::{encode_keys, seq_key, DedupEntry, IndexState, TimeIndexKey, INDEX_STATE};
+use super::codec::{seq_key, DedupEntry, IndexState, INDEX_STATE};
 use super::error::StoreError;
 use super::record::OutboxRecord;
 use super::trees::Database;
@@ -52,48 +52,43 @@ pub fn apply(database: &Database, batches: &[Vec<IndexEntry>]) -> Result<(), Str
     let Some(last) = batches.iter().rev().find_map(|b| b.last()) else {
         return Ok(());
     };
-    let time_index: Vec<([u8; 16], Vec<u8>)> = batches
-        .iter()
-        .filter_map(|events| {
-            let first = events.first()?;
-            let key = TimeIndexKey {
-                newest_received_at_ms: events.iter().map(|e| e.received_at_ms).max()?,
-                first_seq: first.seq,
-            }
-            .encode();
-            let keys = encode_keys(
-                events
-                    .iter()
-                    .flat_map(|e| e.keys.iter().map(String::as_str)),
-            );
-            (!keys.is_empty()).then_some((key, keys))
-        })
-        .collect();
-    let events = || batches.iter().flatten();
-    let added_events = events().count() as u64;
-    let added_keys = events().map(|e| e.keys.len()).sum::<usize>() as u64;
-    let storage = |e: sled::Error| e.to_string();
-    for event in events() {
+    add_keys(database, batches.iter().flatten(), last.seq)?;
+    apply_sled(database, batches)
+}
+
+/// Adds the events' dedup keys to the dedup index; `through` is the highest number among them.
+fn add_keys<'a>(
+    database: &Database,
+    events: impl Iterator<Item = &'a IndexEntry>,
+    through: u64,
+) -> Result<(), String> {
+    let keys = events.flat_map(|event| {
         let entry = DedupEntry {
             received_at_ms: event.received_at_ms,
             seq: event.seq,
-        }
-        .encode();
-        for key in &event.keys {
-            database
-                .dedup
-                .insert(key.as_bytes(), &entry[..])
-                .map_err(storage)?;
-        }
+        };
+        event.keys.iter().map(move |key| (key.as_str(), entry))
+    });
+    database
+        .dedup_index
+        .insert(keys, through)
+        .map_err(|e| format!("dedup index: {e}"))
+}
+
+/// What sled holds for the events: the outbox's references, then the mark.
+fn apply_sled(database: &Database, batches: &[Vec<IndexEntry>]) -> Result<(), String> {
+    let Some(last) = batches.iter().rev().find_map(|b| b.last()) else {
+        return Ok(());
+    };
+    let events = || batches.iter().flatten();
+    let added_events = events().count() as u64;
+    // The keys are the dedup index's, counted there.
+    let added_keys = 0;
+    let storage = |e: sled::Error| e.to_string();
+    for event in events() {
         database
             .outbox
             .insert(&seq_key(event.seq)[..], &event.reference[..])
-            .map_err(storage)?;
-    }
-    for (key, keys) in &time_index {
-        database
-            .dedup_by_time
-            .insert(&key[..], keys.as_slice())
             .map_err(storage)?;
     }
     // Last, and one value: sled's recovered prefix never holds the mark without the entries,
@@ -111,6 +106,25 @@ pub fn apply(database: &Database, batches: &[Vec<IndexEntry>]) -> Result<(), Str
     Ok(())
 }
 
+/// The dedup entry of `key`: a key a redelivery moved (or one stored before the dedup index)
+/// in sled first, then the dedup index.
+pub fn stored_entry(database: &Database, key: &str) -> Result<Option<DedupEntry>, StoreError> {
+    if database
+        .legacy_dedup
+        .load(std::sync::atomic::Ordering::Acquire)
+    {
+        if let Some(entry) = database.dedup.get(key.as_bytes())? {
+            if let Some(entry) = DedupEntry::decode(&entry) {
+                return Ok(Some(entry));
+            }
+        }
+    }
+    database
+        .dedup_index
+        .get(key)
+        .map_err(|e| StoreError::Unwritable(format!("dedup index: {e}")))
+}
+
 /// Indexes every frame of the body log above the mark of [`IndexState`]: what sled lost of the
 /// events answered before a power cut (or a crash, or a disk error that retired the
 /// database). Then makes sure sled's sequence numbers continue above every number the body log
@@ -118,11 +132,13 @@ pub fn apply(database: &Database, batches: &[Vec<IndexEntry>]) -> Result<(), Str
 /// rest. Returns how many events it indexed.
 pub fn replay(database: &Database) -> Result<u64, StoreError> {
     let indexed_through = IndexState::read(&database.meta)?.through;
+    let keys_through = database.dedup_index.flushed_through();
     let mut replayed = 0u64;
     let mut highest = indexed_through;
-    database
-        .bodies
-        .frames_after(indexed_through, 1024, |frames: Vec<Frame>| {
+    database.bodies.frames_after(
+        indexed_through.min(keys_through),
+        1024,
+        |frames: Vec<Frame>| {
             let mut seen = HashSet::new();
             let events: Vec<IndexEntry> = frames
                 .into_iter()
@@ -146,10 +162,22 @@ pub fn replay(database: &Database) -> Result<u64, StoreError> {
                     }
                 })
                 .collect();
-            highest = highest.max(events.last().map_or(0, |e| e.seq));
-            replayed += events.len() as u64;
-            apply(database, &[events]).map_err(StoreError::Unwritable)
-        })?;
+            let Some(last) = events.last().map(|e| e.seq) else {
+                return Ok(());
+            };
+            // Each part from its own mark: keys a file already holds are not added twice, and
+            // what sled holds is not counted twice.
+            let new_keys = events.iter().filter(|e| e.seq > keys_through);
+            add_keys(database, new_keys, last).map_err(StoreError::Unwritable)?;
+            let for_sled: Vec<IndexEntry> = events
+                .into_iter()
+                .filter(|e| e.seq > indexed_through)
+                .collect();
+            highest = highest.max(last);
+            replayed += for_sled.len() as u64;
+            apply_sled(database, &[for_sled]).map_err(StoreError::Unwritable)
+        },
+    )?;
     // A segment is named after the first number it holds, so numbers at or below the newest
     // segment's were handed out, even where its append failed and nothing reached the log.
     let highest = highest.max(database.bodies.newest_segment()?.unwrap_or(0));

@@ -139,7 +139,14 @@ pub fn quarantine(slot: &Slot, seq: u64, reason: &str) -> Result<bool, StoreErro
 pub fn sweep_dedup(slot: &Slot, retention: Duration) -> Result<u64, StoreError> {
     let cutoff_ms = cutoff_ms(retention);
     let database = slot.database()?;
-    let mut removed = 0;
+    let dedup_index = |e: std::io::Error| StoreError::Unwritable(format!("dedup index: {e}"));
+    database.dedup_index.flush().map_err(dedup_index)?;
+    let expired = database
+        .dedup_index
+        .expire(cutoff_ms)
+        .map_err(dedup_index)?;
+    slot.dedup_len.fetch_sub(expired, Ordering::Relaxed);
+    let mut removed = expired;
     // Batches whose newest event is older than the cutoff hold only expired keys.
     let end = TimeIndexKey {
         newest_received_at_ms: cutoff_ms,
@@ -306,6 +313,12 @@ fn sweep(slot: &Slot) {
 pub fn remove_unreferenced_bodies(slot: &Slot) -> Result<usize, StoreError> {
     let database = slot.database()?;
     let _one_at_a_time = database.bodies.removal();
+    // The keys the dedup index holds in memory go to a file first: until then the body log
+    // is what keeps them.
+    database
+        .dedup_index
+        .flush()
+        .map_err(|e| StoreError::Unwritable(format!("dedup index: {e}")))?;
     let first = |tree: &sled::Tree| -> Result<u64, StoreError> {
         Ok(match tree.first()? {
             Some((key, _)) => seq_of(&key)?,
@@ -314,9 +327,11 @@ pub fn remove_unreferenced_bodies(slot: &Slot) -> Result<usize, StoreError> {
     };
     let in_outbox = first(&database.outbox)?;
     let in_archive = first(&database.archive)?;
+    // The dedup index's map holds keys the body log alone keeps durable until a file has them.
     let lowest_live = in_outbox
         .min(in_archive)
-        .min(slot.durable.borrow().saturating_add(1));
+        .min(slot.durable.borrow().saturating_add(1))
+        .min(database.dedup_index.flushed_through().saturating_add(1));
     let body_log = |e: std::io::Error| StoreError::Unwritable(format!("body log: {e}"));
     let unreferenced = database
         .bodies

@@ -11,9 +11,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use super::bodies::BodyLog;
-use super::codec::{decode_archived, decode_quarantined, seq_key, seq_of, unix_millis, DedupEntry};
+use super::codec::{decode_archived, decode_quarantined, seq_key, seq_of, unix_millis};
 use super::database::{Database, Slot};
 use super::error::StoreError;
+use super::index::stored_entry;
 use super::record::{delivery_key, OutboxRecord, RecordError};
 
 /// Most records one page of [`list_events`] reads, matching or not.
@@ -177,11 +178,7 @@ pub struct StoreStats {
 
 /// The sequence number the dedup key `key` points at, if it is stored.
 pub fn seq_of_key(database: &Database, key: &str) -> Result<Option<u64>, StoreError> {
-    Ok(database
-        .dedup
-        .get(key.as_bytes())?
-        .and_then(|v| DedupEntry::decode(&v))
-        .map(|entry| entry.seq))
+    Ok(stored_entry(database, key)?.map(|entry| entry.seq))
 }
 
 /// The sequence number of the event an operator names by its `message_id` or its delivery id.

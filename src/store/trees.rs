@@ -5,14 +5,21 @@
 //! without reaching back to the open.
 
 use super::bodies::BodyLog;
+use super::dedup_index::DedupIndex;
 use super::disk::DataDir;
 
 /// sled, its trees, and the data directory it syncs.
 pub struct Database {
     pub db: sled::Db,
     pub data_dir: DataDir,
+    /// Dedup keys stored before the [`DedupIndex`], and keys a redelivery moved to the event's
+    /// new number: read after the index until they expire.
     pub dedup: sled::Tree,
     pub dedup_by_time: sled::Tree,
+    /// Where new events' dedup keys go (see [`dedup_index`](super::dedup_index)).
+    pub dedup_index: DedupIndex,
+    /// Whether `dedup` may hold anything: lookups of new keys skip it when it is empty.
+    pub legacy_dedup: std::sync::atomic::AtomicBool,
     pub outbox: sled::Tree,
     pub archive: sled::Tree,
     /// Outbox records the relay could not publish: see [`super::maintenance::quarantine`].

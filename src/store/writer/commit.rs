@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use super::{Reply, Stored};
 use crate::store::database::{Database, Slot};
 use crate::store::error::StoreError;
-use crate::store::index::IndexEntry;
+use crate::store::index::{stored_entry, IndexEntry};
 use crate::store::record::OutboxRecord;
 
 pub(super) type Outcome = Result<(Stored, u64), StoreError>;
@@ -92,12 +92,12 @@ fn sort_out(
         let keys = record.dedup_keys();
         // Not yet indexed first: the index thread takes a key from there only after sled has it.
         let stored = keys.iter().try_fold(false, |seen, key| {
-            Ok::<_, sled::Error>(
-                seen || unindexed.contains(key) || database.dedup.get(key.as_bytes())?.is_some(),
+            Ok::<_, StoreError>(
+                seen || unindexed.contains(key) || stored_entry(database, key)?.is_some(),
             )
         });
         let outcome = match stored {
-            Err(e) => Err(StoreError::Unwritable(e.to_string())),
+            Err(e) => Err(e),
             Ok(true) => Ok((Stored::Duplicate, 0)),
             Ok(false) if keys.iter().any(|k| seen_in_batch.contains(k)) => {
                 Ok((Stored::Duplicate, 0))

@@ -12,6 +12,7 @@ use crate::store::codec::{
 };
 use crate::store::database::{Database, Slot};
 use crate::store::error::StoreError;
+use crate::store::index::stored_entry;
 use crate::store::record::{OutboxRecord, RecordError};
 
 /// Moves archived (or quarantined) events back into the outbox under the new sequence numbers
@@ -40,11 +41,32 @@ pub(super) fn put_back(
     // more than once: no I/O inside it. Only this thread takes entries off the shelves but the
     // sweeps, which only remove, so what the transaction finds is what was read here.
     let mut archived = std::collections::HashMap::new();
+    // The dedup entries of the events' keys, read here for the same reason: most are in the
+    // dedup index, outside sled's transaction.
+    let mut entries = std::collections::HashMap::new();
+    let mut read_entries = |record: &OutboxRecord| -> Result<(), StoreError> {
+        for key in record.dedup_keys() {
+            if let Some(entry) = stored_entry(database, &key)? {
+                entries.insert(key, entry);
+            }
+        }
+        Ok(())
+    };
     if from == Shelf::Archive {
         for old in seqs {
             if let Some(bytes) = shelf.get(seq_key(*old))? {
                 let entry = decode_archived(&bytes, &database.bodies)?;
+                read_entries(&entry.record)?;
                 archived.insert(*old, (entry.attempts, entry.record));
+            }
+        }
+    } else {
+        for old in seqs {
+            if let Some(bytes) = shelf.get(seq_key(*old))? {
+                let quarantined = decode_quarantined(&bytes).map_err(StoreError::Record)?;
+                if let Ok(record) = OutboxRecord::decode(&quarantined.outbox_bytes) {
+                    read_entries(&record)?;
+                }
             }
         }
     }
@@ -90,9 +112,12 @@ pub(super) fn put_back(
                         record.attempts_before = attempts;
                         outbox.insert(&seq_key(*new)[..], record.encode())?;
                         for key in record.dedup_keys() {
+                            // sled's entry if it has one (this transaction's writes included),
+                            // else the dedup index's, read above.
                             let points_here = dedup
                                 .get(key.as_bytes())?
                                 .and_then(|v| DedupEntry::decode(&v))
+                                .or_else(|| entries.get(&key).copied())
                                 .filter(|e| e.seq == *old);
                             if let Some(entry) = points_here {
                                 let moved_entry = DedupEntry { seq: *new, ..entry };
@@ -121,5 +146,9 @@ pub(super) fn put_back(
         .count() as u64;
     shelf_len.fetch_sub(moved, Ordering::Relaxed);
     slot.outbox_len.fetch_add(moved, Ordering::Relaxed);
+    if moved > 0 {
+        // Moved keys are in sled's tree now, which lookups read first.
+        database.legacy_dedup.store(true, Ordering::Release);
+    }
     Ok(outcomes)
 }
