@@ -249,20 +249,27 @@ impl DedupIndex {
         })
     }
 
-    /// Removes the entries received before `cutoff_ms` from the files (call [`flush`] first for
-    /// the map's); returns how many went. A file wholly expired goes; one partly expired is
-    /// written again without them.
+    /// Removes the entries received before `cutoff_ms` from the files (call
+    /// [`flush`](Self::flush) first for the map's); returns how many went. A file wholly
+    /// expired goes; a small one partly expired is written again without them. A large one
+    /// keeps them until the next merge: writing it again at every sweep would cost more than
+    /// the disk space its expired entries hold.
     pub fn expire(&self, cutoff_ms: u64) -> io::Result<u64> {
         let mut manifest = lock(&self.shared.manifest);
         let runs = read(&self.shared.state).runs.clone();
-        if runs.iter().all(|r| r.oldest_received_ms >= cutoff_ms) {
+        let rewrite_at_most = self.map_capacity.saturating_mul(4);
+        let expires = |r: &Run| {
+            r.newest_received_ms < cutoff_ms
+                || (r.oldest_received_ms < cutoff_ms && r.len <= rewrite_at_most)
+        };
+        if !runs.iter().any(|r| expires(r)) {
             return Ok(0);
         }
         let mut removed = 0u64;
         let mut kept = Vec::with_capacity(runs.len());
         let mut next_id = manifest.next_id;
         for run in runs.iter() {
-            if run.oldest_received_ms >= cutoff_ms {
+            if !expires(run) {
                 kept.push(run.clone());
                 continue;
             }

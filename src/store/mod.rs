@@ -1,9 +1,13 @@
-//! The durable heart of the receiver: dedup keys and the outbox, in one sled database.
+//! The durable heart of the receiver: the body log, the dedup index, and sled for the outbox.
 //!
-//! Trees:
-//! - `dedup`: dedup key → (receive time, outbox sequence number). Answers "seen before?".
-//! - `dedup_by_time`: (newest receive time ‖ first sequence number) of a written batch → the
-//!   keys it wrote. One entry per batch, not per event; the sweeper expires keys by range scan.
+//! The [`dedup_index`] answers "seen before?" for new events' keys: a bounded map in memory
+//! and immutable sorted files under `<data_dir>/dedup-index/`, its journal being the body log
+//! (see there). sled's trees:
+//! - `dedup`: dedup key → (receive time, outbox sequence number), for keys stored before the
+//!   dedup index existed and keys a redelivery moved to the event's new number. Read before
+//!   the dedup index while it may hold anything.
+//! - `dedup_by_time`: (newest receive time ‖ first sequence number) of a batch written before
+//!   the dedup index → the keys it wrote; the sweeper expires those keys by range scan.
 //! - `meta`: the counts of outbox records, dedup keys and archived events, so that a start
 //!   never has to scan a million entries (a scan measured 170 MB of extra peak memory with 1M
 //!   events waiting). Each count is kept in parts: the rare moves' part in the same
@@ -19,7 +23,8 @@
 //!   operator puts it back; everything behind it is published meanwhile.
 //!
 //! The modules, leaves first: [`codec`] (keys and values on disk), [`record`] and [`bodies`]
-//! (the records' own segment files), `trees` (sled's trees and the body log as one value),
+//! (the records' own segment files), [`dedup_index`], `trees` (sled's trees, the body log and
+//! the dedup index as one value),
 //! [`index`] (what sled holds for a committed event, and the replay at open) and
 //! `archive_moves` (an archive move's writes, and finishing one at open); `database`
 //! (the open, and the slot that outlives a reopening); then the three that use them
@@ -32,12 +37,14 @@
 //!   redeliveries. It commits whatever is waiting as one batch with one sync: a 2xx never
 //!   stands on memory alone. It assigns sequence numbers in commit order, so the relay can read
 //!   the outbox as a log, and it alone reopens the database after a disk error.
-//! - **sled is an index over the body log, written by the writer's index thread** after the
-//!   answer: dedup keys, the outbox's reference and the time index as plain inserts, then the
-//!   mark of what is indexed and its totals as **one value**, no sled transaction, synced lazily;
-//!   every open indexes again what a power cut took from it (see
-//!   [`index`]). A reference reaches sled only after its record is synced, so there is never a
-//!   dedup key without its event.
+//! - **sled and the dedup index are indexes over the body log, written by the writer's index
+//!   thread** after the answer: the dedup keys into the dedup index's map, the outbox's
+//!   reference into sled as a plain insert, then sled's mark of what is indexed and its totals
+//!   as **one value**, no sled transaction, synced lazily. Every open indexes again what a power
+//!   cut took from either, each from its own mark (see [`index`]). A key or a reference is
+//!   written only after its record is synced, so there is never a dedup key without its event.
+//!   Putting the dedup keys in sled cost more than a third of ingest's throughput (README,
+//!   performance, "2026-12-05, late night").
 //! - **Housekeeping goes through `maintenance`, unsynced on purpose**: moving confirmed
 //!   events to the archive (plain writes after a record of the move, finished by the next open
 //!   if a power cut interrupted it) and unpublishable ones to the quarantine (called by the
