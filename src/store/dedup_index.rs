@@ -406,19 +406,43 @@ fn flush(shared: &Shared, frozen: &Frozen) -> io::Result<()> {
 fn merge(shared: &Shared, manifest: &mut Manifest, runs: &[Arc<Run>]) -> io::Result<()> {
     let cutoff_ms =
         super::codec::unix_millis(std::time::SystemTime::now()).saturating_sub(shared.retention_ms);
-    let mut merged: HashMap<Fingerprint, DedupEntry> = HashMap::new();
-    // Oldest first, so that a newer entry for the same key wins.
-    for run in runs.iter().rev() {
-        merged.extend(
-            run.entries()?
-                .into_iter()
-                .filter(|(_, e)| e.received_at_ms >= cutoff_ms),
-        );
+    // A k-way merge over the runs (newest first): for a key in several, the newest run's
+    // entry wins. One block of each run in memory at a time.
+    let mut cursors: Vec<Cursor> = runs.iter().map(|r| Cursor::new(r)).collect();
+    let mut heads = std::collections::BinaryHeap::new();
+    for (i, cursor) in cursors.iter_mut().enumerate() {
+        if let Some((fp, entry)) = cursor.next()? {
+            heads.push(std::cmp::Reverse((fp, i, entry.received_at_ms, entry.seq)));
+        }
     }
-    let mut entries: Vec<_> = merged.into_iter().collect();
-    entries.sort_unstable_by_key(|e| e.0);
     let id = manifest.next_id;
-    let run = Arc::new(Run::write(&run_path(&shared.dir, id), id, &entries)?);
+    let at_most = runs.iter().map(|r| r.len).sum();
+    let mut writer = RunWriter::create(&run_path(&shared.dir, id), id, at_most)?;
+    let mut last: Option<Fingerprint> = None;
+    while let Some(std::cmp::Reverse((fp, i, received_at_ms, seq))) = heads.pop() {
+        if let Some((next_fp, entry)) = cursors[i].next()? {
+            heads.push(std::cmp::Reverse((
+                next_fp,
+                i,
+                entry.received_at_ms,
+                entry.seq,
+            )));
+        }
+        // The first of equal keys off the heap is the newest run's (lowest index).
+        if last == Some(fp) || received_at_ms < cutoff_ms {
+            last = Some(fp);
+            continue;
+        }
+        last = Some(fp);
+        writer.push(
+            &fp,
+            DedupEntry {
+                received_at_ms,
+                seq,
+            },
+        )?;
+    }
+    let run = Arc::new(writer.finish()?);
     let next = Manifest {
         runs: vec![id],
         next_id: id + 1,
@@ -447,70 +471,157 @@ struct Run {
     bloom: Vec<u64>,
 }
 
-impl Run {
-    fn write(path: &Path, id: u64, entries: &[(Fingerprint, DedupEntry)]) -> io::Result<Self> {
-        let blocks = entries.len().div_ceil(BLOCK);
-        let bloom_bits = (entries.len() as u64 * BLOOM_BITS_PER_KEY).max(64);
-        let mut bloom = vec![0u64; bloom_bits.div_ceil(64) as usize];
-        let mut body = Vec::with_capacity(entries.len() * ENTRY);
-        for (fp, entry) in entries {
-            body.extend_from_slice(fp);
-            body.extend_from_slice(&entry.encode());
-            for bit in bloom_bits_of(fp, bloom.len() as u64 * 64) {
-                bloom[(bit / 64) as usize] |= 1 << (bit % 64);
-            }
-        }
-        let block_crcs: Vec<u32> = body.chunks(BLOCK * ENTRY).map(crc32fast::hash).collect();
-        let fences: Vec<Fingerprint> = entries.chunks(BLOCK).map(|c| c[0].0).collect();
-        let newest_received_ms = entries
-            .iter()
-            .map(|(_, e)| e.received_at_ms)
-            .max()
-            .unwrap_or(0);
-        let oldest_received_ms = entries
-            .iter()
-            .map(|(_, e)| e.received_at_ms)
-            .min()
-            .unwrap_or(0);
-        let mut out = Vec::with_capacity(RUN_HEADER + body.len() + blocks * 20 + bloom.len() * 8);
-        out.extend_from_slice(RUN_MAGIC);
-        out.extend_from_slice(&(entries.len() as u64).to_le_bytes());
-        out.extend_from_slice(&(bloom.len() as u64).to_le_bytes());
-        out.extend_from_slice(&newest_received_ms.to_le_bytes());
-        out.extend_from_slice(&oldest_received_ms.to_le_bytes());
-        out.extend_from_slice(&[0u8; 4]);
-        let header_crc = crc32fast::hash(&out[..RUN_HEADER - 4]);
-        out.extend_from_slice(&header_crc.to_le_bytes());
-        out.extend_from_slice(&body);
-        let meta_start = out.len();
-        for crc in &block_crcs {
-            out.extend_from_slice(&crc.to_le_bytes());
-        }
-        for fence in &fences {
-            out.extend_from_slice(fence);
-        }
-        for word in &bloom {
-            out.extend_from_slice(&word.to_le_bytes());
-        }
-        let meta_crc = crc32fast::hash(&out[meta_start..]);
-        out.extend_from_slice(&meta_crc.to_le_bytes());
+/// Writes a run as its sorted entries come, in constant memory but for its filter and fences:
+/// a merge streams millions of entries through it.
+struct RunWriter {
+    id: u64,
+    out: std::io::BufWriter<File>,
+    len: usize,
+    newest_received_ms: u64,
+    oldest_received_ms: u64,
+    block: crc32fast::Hasher,
+    block_crcs: Vec<u32>,
+    fences: Vec<Fingerprint>,
+    bloom: Vec<u64>,
+}
+
+impl RunWriter {
+    /// `at_most` entries will come: the filter is sized for them.
+    fn create(path: &Path, id: u64, at_most: usize) -> io::Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .open(path)?;
-        file.write_all_at(&out, 0)?;
-        file.sync_all()?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 16, file);
+        // The header goes last, over these zeros, once the counts are known.
+        std::io::Write::write_all(&mut out, &[0u8; RUN_HEADER])?;
+        let bloom_bits = (at_most as u64 * BLOOM_BITS_PER_KEY).max(64);
         Ok(Self {
             id,
-            file,
-            len: entries.len(),
-            newest_received_ms,
-            oldest_received_ms,
-            block_crcs,
-            fences,
-            bloom,
+            out,
+            len: 0,
+            newest_received_ms: 0,
+            oldest_received_ms: u64::MAX,
+            block: crc32fast::Hasher::new(),
+            block_crcs: Vec::new(),
+            fences: Vec::new(),
+            bloom: vec![0u64; bloom_bits.div_ceil(64) as usize],
         })
+    }
+
+    fn push(&mut self, fp: &Fingerprint, entry: DedupEntry) -> io::Result<()> {
+        if self.len.is_multiple_of(BLOCK) {
+            if self.len > 0 {
+                let done = std::mem::replace(&mut self.block, crc32fast::Hasher::new());
+                self.block_crcs.push(done.finalize());
+            }
+            self.fences.push(*fp);
+        }
+        let mut bytes = [0u8; ENTRY];
+        bytes[..16].copy_from_slice(fp);
+        bytes[16..].copy_from_slice(&entry.encode());
+        self.block.update(&bytes);
+        std::io::Write::write_all(&mut self.out, &bytes)?;
+        for bit in bloom_bits_of(fp, self.bloom.len() as u64 * 64) {
+            self.bloom[(bit / 64) as usize] |= 1 << (bit % 64);
+        }
+        self.newest_received_ms = self.newest_received_ms.max(entry.received_at_ms);
+        self.oldest_received_ms = self.oldest_received_ms.min(entry.received_at_ms);
+        self.len += 1;
+        Ok(())
+    }
+
+    /// Writes the block checksums, fences, filter and header, and syncs the file.
+    fn finish(mut self) -> io::Result<Run> {
+        // The last block, full or not, is still open.
+        if self.len > 0 {
+            let done = std::mem::replace(&mut self.block, crc32fast::Hasher::new());
+            self.block_crcs.push(done.finalize());
+        }
+        if self.len == 0 {
+            self.oldest_received_ms = 0;
+        }
+        let mut meta = Vec::with_capacity(self.block_crcs.len() * 20 + self.bloom.len() * 8 + 4);
+        for crc in &self.block_crcs {
+            meta.extend_from_slice(&crc.to_le_bytes());
+        }
+        for fence in &self.fences {
+            meta.extend_from_slice(fence);
+        }
+        for word in &self.bloom {
+            meta.extend_from_slice(&word.to_le_bytes());
+        }
+        let meta_crc = crc32fast::hash(&meta);
+        meta.extend_from_slice(&meta_crc.to_le_bytes());
+        std::io::Write::write_all(&mut self.out, &meta)?;
+        let file = self.out.into_inner().map_err(|e| e.into_error())?;
+        let mut header = Vec::with_capacity(RUN_HEADER);
+        header.extend_from_slice(RUN_MAGIC);
+        header.extend_from_slice(&(self.len as u64).to_le_bytes());
+        header.extend_from_slice(&(self.bloom.len() as u64).to_le_bytes());
+        header.extend_from_slice(&self.newest_received_ms.to_le_bytes());
+        header.extend_from_slice(&self.oldest_received_ms.to_le_bytes());
+        header.extend_from_slice(&[0u8; 4]);
+        let header_crc = crc32fast::hash(&header);
+        header.extend_from_slice(&header_crc.to_le_bytes());
+        file.write_all_at(&header, 0)?;
+        file.sync_all()?;
+        Ok(Run {
+            id: self.id,
+            file,
+            len: self.len,
+            newest_received_ms: self.newest_received_ms,
+            oldest_received_ms: self.oldest_received_ms,
+            block_crcs: self.block_crcs,
+            fences: self.fences,
+            bloom: self.bloom,
+        })
+    }
+}
+
+/// A run's entries in order, one block in memory at a time.
+struct Cursor<'a> {
+    run: &'a Run,
+    block: usize,
+    entries: Vec<u8>,
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(run: &'a Run) -> Self {
+        Self {
+            run,
+            block: 0,
+            entries: Vec::new(),
+            at: 0,
+        }
+    }
+
+    fn next(&mut self) -> io::Result<Option<(Fingerprint, DedupEntry)>> {
+        if self.at == self.entries.len() {
+            if self.block == self.run.fences.len() {
+                return Ok(None);
+            }
+            self.entries = self.run.block(self.block)?;
+            self.block += 1;
+            self.at = 0;
+        }
+        let e = &self.entries[self.at..self.at + ENTRY];
+        self.at += ENTRY;
+        let fp: Fingerprint = e[..16].try_into().expect("16 bytes");
+        let entry = DedupEntry::decode(&e[16..]).expect("16 bytes");
+        Ok(Some((fp, entry)))
+    }
+}
+
+impl Run {
+    fn write(path: &Path, id: u64, entries: &[(Fingerprint, DedupEntry)]) -> io::Result<Self> {
+        let mut writer = RunWriter::create(path, id, entries.len())?;
+        for (fp, entry) in entries {
+            writer.push(fp, *entry)?;
+        }
+        writer.finish()
     }
 
     fn open(path: &Path) -> io::Result<Self> {
