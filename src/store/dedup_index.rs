@@ -90,6 +90,18 @@ struct State {
     runs: Arc<Vec<Arc<Run>>>,
 }
 
+impl State {
+    /// The map, set aside for a flush: lookups still read it until its file is named.
+    fn freeze(&mut self) -> Arc<Frozen> {
+        let frozen = Arc::new(Frozen {
+            map: std::mem::take(&mut self.active),
+            through: self.active_through,
+        });
+        self.frozen = Some(frozen.clone());
+        frozen
+    }
+}
+
 struct Frozen {
     map: HashMap<Fingerprint, DedupEntry>,
     through: u64,
@@ -199,12 +211,7 @@ impl DedupIndex {
             if state.active.len() < self.map_capacity || state.frozen.is_some() {
                 return Ok(());
             }
-            let frozen = Arc::new(Frozen {
-                map: std::mem::take(&mut state.active),
-                through: state.active_through,
-            });
-            state.frozen = Some(frozen.clone());
-            frozen
+            state.freeze()
         };
         if let Some(flushes) = &*lock(&self.flushes) {
             // The thread takes the frozen map at once; a full queue cannot happen, since only
@@ -223,27 +230,17 @@ impl DedupIndex {
             return Err(io::Error::other(reason));
         }
         // Only one map is frozen at a time: the flush thread's, if any, goes first.
-        let _manifest = loop {
-            let manifest = lock(&self.shared.manifest);
-            if read(&self.shared.state).frozen.is_none() {
-                break manifest;
+        let frozen = loop {
+            let mut state = write(&self.shared.state);
+            if state.frozen.is_none() {
+                if state.active.is_empty() {
+                    return Ok(());
+                }
+                break state.freeze();
             }
-            drop(manifest);
+            drop(state);
             std::thread::sleep(std::time::Duration::from_millis(1));
         };
-        let frozen = {
-            let mut state = write(&self.shared.state);
-            if state.active.is_empty() {
-                return Ok(());
-            }
-            let frozen = Arc::new(Frozen {
-                map: std::mem::take(&mut state.active),
-                through: state.active_through,
-            });
-            state.frozen = Some(frozen.clone());
-            frozen
-        };
-        drop(_manifest);
         flush(&self.shared, &frozen).inspect_err(|e| {
             *lock(&self.shared.failed) = Some(format!("dedup index flush: {e}"));
         })
@@ -838,6 +835,14 @@ mod tests {
             .unwrap();
     }
 
+    /// An index in `dir` whose keys `k0..k10` (events 0..10, received at `at`) are in one
+    /// run, closed.
+    fn with_one_run(dir: &Path, at: u64) {
+        let (index, _) = DedupIndex::open(dir, 10, DAY_MS).unwrap();
+        insert_range(&index, 0, 10, at);
+        settle(&index, 1);
+    }
+
     /// Waits until no frozen map is left and `runs` runs are named (a merge follows the flush
     /// that makes one run too many).
     fn settle(index: &DedupIndex, runs: usize) {
@@ -938,10 +943,7 @@ mod tests {
     fn a_run_no_manifest_names_is_removed_at_open_and_never_read() {
         let dir = tempfile::tempdir().unwrap();
         let t = now();
-        let (index, _) = DedupIndex::open(dir.path(), 10, DAY_MS).unwrap();
-        insert_range(&index, 0, 10, t);
-        settle(&index, 1);
-        drop(index);
+        with_one_run(dir.path(), t);
         // A flush a power cut interrupted: its run written, the manifest not replaced.
         Run::write(
             &run_path(dir.path(), 7),
@@ -963,10 +965,7 @@ mod tests {
     fn a_damaged_block_is_an_error_not_a_new_key() {
         let dir = tempfile::tempdir().unwrap();
         let t = now();
-        let (index, _) = DedupIndex::open(dir.path(), 10, DAY_MS).unwrap();
-        insert_range(&index, 0, 10, t);
-        settle(&index, 1);
-        drop(index);
+        with_one_run(dir.path(), t);
         let path = run_path(dir.path(), 0);
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[RUN_HEADER + 20] ^= 0xFF;

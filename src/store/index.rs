@@ -1,9 +1,10 @@
-//! sled as an index over the body log: what a committed event writes into sled, and how an
-//! open writes again what a power cut took from sled.
+//! sled and the dedup index as indexes over the body log: what a committed event writes into
+//! them, and how an open writes again what a power cut took from them.
 //!
-//! **Why sled is not synced before an answer.** A 2xx rests on the body log's `fdatasync`
-//! alone (see [`bodies`](super::bodies)): everything sled holds for a new event (its dedup
-//! keys, the outbox's reference, the time index, the counts) can be derived from the record
+//! **Why neither is synced before an answer.** A 2xx rests on the body log's `fdatasync`
+//! alone (see [`bodies`](super::bodies)): everything they hold for a new event (its dedup
+//! keys in the [`dedup_index`](super::dedup_index), the outbox's reference and the counts in
+//! sled) can be derived from the record
 //! and its sequence number, both in the log. So the index thread writes them after the answer
 //! and syncs sled only now and then, and a power cut that takes sled's unsynced tail is
 //! repaired here at the next open, before anything reads the store. Measured on the 2-core VM,
@@ -82,8 +83,6 @@ fn apply_sled(database: &Database, batches: &[Vec<IndexEntry>]) -> Result<(), St
     };
     let events = || batches.iter().flatten();
     let added_events = events().count() as u64;
-    // The keys are the dedup index's, counted there.
-    let added_keys = 0;
     let storage = |e: sled::Error| e.to_string();
     for event in events() {
         database
@@ -97,7 +96,8 @@ fn apply_sled(database: &Database, batches: &[Vec<IndexEntry>]) -> Result<(), St
     let after = IndexState {
         through: last.seq,
         events: before.events.wrapping_add(added_events),
-        keys: before.keys.wrapping_add(added_keys),
+        // Keys are the dedup index's, counted there; these are keys of data from before it.
+        keys: before.keys,
     };
     database
         .meta
