@@ -19,7 +19,9 @@
 //! may have some of its entries but is not counted; the replay writes those again and counts
 //! them once. Every entry is a plain insert of a value derived from the frame, so writing it
 //! twice leaves the same thing. The writer draws sequence numbers in commit order and the
-//! index thread applies batches in that order, so the number only grows.
+//! index thread applies batches in that order, so the number only grows. The dedup index keeps
+//! a mark of its own (the number its manifest holds, see there): the replay adds to it the keys
+//! of every frame above that number, and to sled what is above sled's.
 //!
 //! **Why no transaction.** A sled transaction holds sled's global lock exclusively while it
 //! commits, and every other sled read waits: the writer's "seen before?" and the HTTP
