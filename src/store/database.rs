@@ -9,7 +9,9 @@
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwapOption;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -30,13 +32,21 @@ pub use super::trees::Database;
 
 /// What lives as long as the store, across reopenings.
 pub struct Slot {
-    pub current: RwLock<Option<Arc<Database>>>,
+    /// Read by every request, replaced only by a retirement or a reopen: an `ArcSwap`, whose
+    /// reads write nothing shared. Behind a lock (and an `Arc` clone per read) the two HTTP
+    /// workers wrote the lock's and the count's cache lines for every duplicate they answered.
+    /// A replacement turns readers' borrows into counted references, so a reopen's wait for
+    /// the old database's last reader still sees them.
+    pub current: ArcSwapOption<Database>,
     /// A database taken out of service by a failed write or sync, kept until the reopen
     /// can wait for its last reader to let go of it.
     pub retired: Mutex<Option<Arc<Database>>>,
     /// Every outbox sequence number at or below this is on disk and indexed in sled; the relay
     /// reads up to it.
     pub durable: watch::Sender<u64>,
+    /// The same mark, for readers that do not wait for it to move: a load of it writes nothing,
+    /// where a read of the channel takes its lock. Raised only by [`raise_durable`](Self::raise_durable).
+    durable_mark: AtomicU64,
     /// The highest sequence number the writer answered as new: its record is on disk, its
     /// index entries may still be on their way to sled (see [`index`]).
     pub committed: AtomicU64,
@@ -61,10 +71,12 @@ impl Slot {
     pub fn open(options: &StoreOptions) -> Result<Self, StoreError> {
         let (database, counts) = open_database(options)?;
         // Everything recovered at open is on disk already; new numbers are above it.
-        let (durable, _) = watch::channel(database.db.generate_id()?);
+        let recovered = database.db.generate_id()?;
+        let (durable, _) = watch::channel(recovered);
         Ok(Self {
-            current: RwLock::new(Some(Arc::new(database))),
+            current: ArcSwapOption::from_pointee(database),
             retired: Mutex::new(None),
+            durable_mark: AtomicU64::new(recovered),
             durable,
             committed: AtomicU64::new(0),
             unindexed: Mutex::new(HashSet::new()),
@@ -81,12 +93,25 @@ impl Slot {
     /// The database in service, or `Unwritable` while the writer reopens it.
     pub fn database(&self) -> Result<Arc<Database>, StoreError> {
         self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or_else(|| {
-                StoreError::Unwritable("the database is being reopened after a disk error".into())
-            })
+            .load_full()
+            .ok_or_else(unwritable_while_reopening)
+    }
+
+    /// Every outbox sequence number at or below this is durable (see [`durable`](Self::durable)).
+    pub fn durable_through(&self) -> u64 {
+        self.durable_mark.load(Ordering::Acquire)
+    }
+
+    /// Raises the durability mark to `to`, and wakes whoever waits for it, if it is higher.
+    pub fn raise_durable(&self, to: u64) {
+        self.durable.send_if_modified(|durable| {
+            let raise = to > *durable;
+            if raise {
+                *durable = to;
+                self.durable_mark.store(to, Ordering::Release);
+            }
+            raise
+        });
     }
 
     pub fn is_writable(&self) -> bool {
@@ -104,11 +129,7 @@ impl Slot {
     /// request is refused until a reopen brings back one that the disk vouches for.
     pub fn retire(&self) {
         self.writable.store(false, Ordering::Release);
-        let failed = self
-            .current
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let failed = self.current.swap(None);
         if let Some(failed) = failed {
             *self.retired.lock().unwrap_or_else(|p| p.into_inner()) = Some(failed);
         }
@@ -148,7 +169,7 @@ impl Slot {
         self.archive_len.store(counts.archive, Ordering::Relaxed);
         self.quarantine_len
             .store(counts.quarantine, Ordering::Relaxed);
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(database));
+        self.current.store(Some(Arc::new(database)));
         self.writable.store(true, Ordering::Release);
     }
 }
@@ -325,4 +346,8 @@ fn open_sled(options: &StoreOptions) -> Result<sled::Db, StoreError> {
 fn sled_lock_held(data_dir: &Path) -> bool {
     std::fs::File::open(data_dir.join("db"))
         .is_ok_and(|file| matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
+}
+
+pub fn unwritable_while_reopening() -> StoreError {
+    StoreError::Unwritable("the database is being reopened after a disk error".into())
 }

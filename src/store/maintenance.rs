@@ -330,7 +330,7 @@ pub fn remove_unreferenced_bodies(slot: &Slot) -> Result<usize, StoreError> {
     // The dedup index's map holds keys the body log alone keeps durable until a file has them.
     let lowest_live = in_outbox
         .min(in_archive)
-        .min(slot.durable.borrow().saturating_add(1))
+        .min(slot.durable_through().saturating_add(1))
         .min(database.dedup_index.flushed_through().saturating_add(1));
     let body_log = |e: std::io::Error| StoreError::Unwritable(format!("body log: {e}"));
     let unreferenced = database

@@ -157,7 +157,7 @@ impl Store {
     /// [`durability`](Self::durability) announces, and the end of what
     /// [`outbox_after`](Self::outbox_after) reads.
     pub fn durable_through(&self) -> u64 {
-        *self.inner.slot.durable.borrow()
+        self.inner.slot.durable_through()
     }
 
     /// Up to `limit` durable outbox records above `after`, oldest first, and those of them

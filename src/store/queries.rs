@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use super::bodies::BodyLog;
 use super::codec::{decode_archived, decode_quarantined, seq_key, seq_of, unix_millis};
-use super::database::{Database, Slot};
+use super::database::{unwritable_while_reopening, Database, Slot};
 use super::error::StoreError;
 use super::index::stored_entry;
 use super::record::{delivery_key, OutboxRecord, RecordError};
@@ -192,10 +192,14 @@ pub fn seq_of_id(database: &Database, id: &str) -> Result<Option<u64>, StoreErro
 /// True if one of `keys` was stored before and that write is already on disk: a retry that
 /// needs nothing written and nothing waited for.
 pub fn is_durable_duplicate(slot: &Slot, keys: &[String]) -> Result<bool, StoreError> {
-    let database = slot.database()?;
-    let durable = *slot.durable.borrow();
+    // Borrowed for these few lookups rather than counted: nothing shared is written.
+    let guard = slot.current.load();
+    let Some(database) = guard.as_deref() else {
+        return Err(unwritable_while_reopening());
+    };
+    let durable = slot.durable_through();
     for key in keys {
-        let found = seq_of_key(&database, key).inspect_err(|_| {
+        let found = seq_of_key(database, key).inspect_err(|_| {
             // sled fails every operation after an I/O error: readiness must say so at once.
             slot.writable.store(false, Ordering::Release);
         })?;
@@ -213,7 +217,7 @@ pub fn outbox_after(
     after: Option<u64>,
     limit: usize,
 ) -> Result<OutboxRead, StoreError> {
-    let durable = *slot.durable.borrow();
+    let durable = slot.durable_through();
     let start = after.map_or(0, |a| a.saturating_add(1));
     let mut read = OutboxRead::default();
     if start > durable {

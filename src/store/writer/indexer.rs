@@ -212,13 +212,7 @@ impl Cycle {
     /// Moves the durability mark, lets go of the indexed keys and answers redeliveries.
     fn finish(self, slot: &Slot, sync_failed: bool) {
         if let (Some(applied), false) = (self.applied, sync_failed || !slot.is_writable()) {
-            slot.durable.send_if_modified(|durable| {
-                let raise = applied > *durable;
-                if raise {
-                    *durable = applied;
-                }
-                raise
-            });
+            slot.raise_durable(applied);
         }
         if !self.indexed_keys.is_empty() {
             let mut unindexed = slot.unindexed.lock().unwrap_or_else(|p| p.into_inner());

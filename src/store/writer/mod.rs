@@ -334,11 +334,7 @@ fn write_batch(
 /// database is dropped only once no reader holds it, because sled's file lock is released only
 /// when its last handle goes. What the reopened database recovers from disk is durable.
 fn reopen(slot: &Slot) -> Result<(), StoreError> {
-    let current = slot
-        .current
-        .write()
-        .unwrap_or_else(|p| p.into_inner())
-        .take();
+    let current = slot.current.swap(None);
     let old = current.or_else(|| {
         slot.retired
             .lock()
@@ -362,13 +358,7 @@ fn reopen(slot: &Slot) -> Result<(), StoreError> {
     // Synced inside: what it recovered is on disk before it counts as durable.
     let (database, counts) = open_database(&slot.options)?;
     let recovered = database.db.generate_id()?;
-    slot.durable.send_if_modified(|durable| {
-        let raise = recovered > *durable;
-        if raise {
-            *durable = recovered;
-        }
-        raise
-    });
+    slot.raise_durable(recovered);
     slot.install(database, counts);
     Ok(())
 }
