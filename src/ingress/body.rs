@@ -17,12 +17,12 @@ const RETRY_AFTER_BUSY: u32 = 2;
 /// Reads the body, refusing it as soon as it exceeds `limit` (whether or not a length was
 /// sent) or finds no room in the budget. The budget is charged as bytes arrive: a
 /// `Content-Length` alone reserves nothing.
-pub async fn read(
+pub async fn read<'b>(
     req: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,
-    budget: &BodyBudget,
-) -> Result<(Vec<u8>, Held), IngressError> {
+    budget: &'b BodyBudget,
+) -> Result<(Vec<u8>, Held<'b>), IngressError> {
     let too_large = IngressError::PayloadTooLarge { limit };
     let declared = req
         .headers()
