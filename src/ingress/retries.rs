@@ -24,9 +24,14 @@
 //! **Bounded.** [`SLOTS`] entries per source, each one request, bodies of at most
 //! [`MAX_BODY`] bytes: at most 4 MiB of bodies per source. A slot holds the latest request
 //! that landed on it.
+//!
+//! **Read without writing.** A slot is an `ArcSwap`: reading it writes nothing shared. Behind
+//! a mutex, the HTTP workers answering retries of one request took turns at the slot's lock,
+//! its cache line crossing between the cores twice a request (perf, README).
 
-use std::sync::Mutex;
+use std::sync::Arc;
 
+use arc_swap::ArcSwapOption;
 use time::OffsetDateTime;
 
 /// Entries per source.
@@ -53,19 +58,19 @@ struct Entry {
 
 /// One source's remembered requests.
 pub struct Retries {
-    slots: Box<[Mutex<Option<Entry>>]>,
+    slots: Box<[ArcSwapOption<Entry>]>,
 }
 
 impl Default for Retries {
     fn default() -> Self {
         Self {
-            slots: (0..SLOTS).map(|_| Mutex::new(None)).collect(),
+            slots: (0..SLOTS).map(|_| ArcSwapOption::empty()).collect(),
         }
     }
 }
 
 impl Retries {
-    fn slot(&self, digest: &[u8; 32]) -> &Mutex<Option<Entry>> {
+    fn slot(&self, digest: &[u8; 32]) -> &ArcSwapOption<Entry> {
         let mut first = [0u8; 8];
         first.copy_from_slice(&digest[..8]);
         &self.slots[(u64::from_le_bytes(first) % SLOTS as u64) as usize]
@@ -74,8 +79,8 @@ impl Retries {
     /// The verification of the request with this signature digest and exactly this body, if
     /// one is remembered.
     pub fn get(&self, digest: &[u8; 32], body: &[u8]) -> Option<Verification> {
-        let slot = self.slot(digest).lock().unwrap_or_else(|e| e.into_inner());
-        slot.as_ref()
+        let slot = self.slot(digest).load();
+        slot.as_deref()
             .filter(|entry| entry.digest == *digest && *entry.body == *body)
             .map(|entry| entry.verification.clone())
     }
@@ -90,7 +95,7 @@ impl Retries {
             body: body.into(),
             verification,
         };
-        *self.slot(digest).lock().unwrap_or_else(|e| e.into_inner()) = Some(entry);
+        self.slot(digest).store(Some(Arc::new(entry)));
     }
 }
 
