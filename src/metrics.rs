@@ -3,9 +3,13 @@
 //! Names follow `kallina_relay_<name>_<unit>[_total]`; label values come from small fixed
 //! sets (event types fold into `other`, outcomes are error codes), never from ids or bodies.
 
+mod per_thread;
+
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
+
+pub use per_thread::PerThread;
 
 use crate::store::StoreStats;
 
@@ -32,11 +36,12 @@ pub fn event_label(event: Option<&str>) -> &'static str {
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    pub webhooks: IntCounterVec,
-    pub request_duration: Histogram,
-    pub signature_matches: IntCounterVec,
-    pub store_commit_duration: Histogram,
-    pub event_age: Histogram,
+    // What every webhook request writes is kept per thread (see `per_thread`).
+    pub webhooks: PerThread<IntCounterVec>,
+    pub request_duration: PerThread<Histogram>,
+    pub signature_matches: PerThread<IntCounterVec>,
+    pub store_commit_duration: PerThread<Histogram>,
+    pub event_age: PerThread<Histogram>,
     outbox_events: IntGauge,
     outbox_oldest_age: Gauge,
     dedup_keys: IntGauge,
@@ -73,6 +78,26 @@ impl Metrics {
                 .expect("unique metric");
             h
         };
+        // The same, one copy per thread: for what every webhook request writes.
+        let per_thread_counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = PerThread::new(|| {
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+            });
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let per_thread_histogram = |name: &str, help: &str, buckets: &[f64]| {
+            let h = PerThread::new(|| {
+                Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+                    .expect("valid metric")
+            });
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
         let int_gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
             registry
@@ -93,30 +118,30 @@ impl Metrics {
             .register(Box::new(outbox_oldest_age.clone()))
             .expect("unique metric");
         let metrics = Self {
-            webhooks: counter(
+            webhooks: per_thread_counter(
                 "kallina_relay_webhooks_total",
                 "Webhook requests answered, by source, event type and outcome",
                 &["source", "event", "outcome"],
             ),
-            request_duration: histogram(
+            request_duration: per_thread_histogram(
                 "kallina_relay_request_duration_seconds",
                 "Time to answer a webhook request",
-                fast.clone(),
+                &fast,
             ),
-            signature_matches: counter(
+            signature_matches: per_thread_counter(
                 "kallina_relay_signature_matches_total",
                 "Verified requests by source and the position of the secret that matched (0 = first)",
                 &["source", "secret"],
             ),
-            store_commit_duration: histogram(
+            store_commit_duration: per_thread_histogram(
                 "kallina_relay_store_commit_duration_seconds",
                 "How long a request waits for the store: its batch's append to the body log and the fsync",
-                fast.clone(),
+                &fast,
             ),
-            event_age: histogram(
+            event_age: per_thread_histogram(
                 "kallina_relay_event_age_seconds",
                 "Receive time minus the signed timestamp",
-                ages.clone(),
+                &ages,
             ),
             outbox_events: int_gauge(
                 "kallina_relay_outbox_events",
@@ -261,6 +286,7 @@ mod tests {
     fn histograms_and_gauges_render() {
         let m = Metrics::new();
         m.webhooks
+            .local()
             .with_label_values(&["kallina-relay", "call.ended", "accepted"])
             .inc();
         let text = m.render(&StoreStats {

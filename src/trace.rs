@@ -116,7 +116,7 @@ fn random_hex(bytes: usize) -> String {
         // All zero is the one invalid value.
         if raw.iter().any(|&b| b != 0) {
             // Not `write!` per byte: formatting took ≈ 3 % of the relay's CPU (perf).
-            return hex::encode(&raw);
+            return crate::signature::lower_hex(&raw);
         }
     }
 }
