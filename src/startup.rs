@@ -16,7 +16,6 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 use actix_web::dev::Server;
-use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpServer};
 use anyhow::Context;
 use tokio::task::JoinSet;
@@ -24,7 +23,6 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::Publishing;
 use crate::admin::{self, Admin};
-use crate::http::assign_request_id;
 use crate::ingress::{self, Ingress};
 use crate::metrics::Metrics;
 use crate::relay::{BrokerStatus, Relay};
@@ -78,8 +76,8 @@ impl Application {
         // One HTTP worker per core, as actix would choose; the count is needed for the cap.
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
         let public = HttpServer::new(move || {
+            // No middleware: the handler sets `X-Request-Id` on its answers itself (see ingress).
             App::new()
-                .wrap(from_fn(assign_request_id))
                 .app_data(ingress.clone())
                 .configure(|cfg| ingress.routes(cfg))
         })

@@ -3,7 +3,7 @@
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
 use actix_web::middleware::Next;
 use actix_web::HttpRequest;
 
@@ -25,29 +25,29 @@ impl RequestId {
     }
 }
 
-/// Middleware (for `actix_web::middleware::from_fn`) that assigns the id and echoes it.
+/// The id an answer to a request with these headers carries: the sender's own when it is
+/// acceptable, else a fresh one.
+pub fn choose(headers: &HeaderMap) -> HeaderValue {
+    headers
+        .get(&HEADER)
+        .filter(|v| v.to_str().is_ok_and(is_acceptable))
+        .cloned()
+        .unwrap_or_else(generate)
+}
+
+/// Middleware (for `actix_web::middleware::from_fn`) that assigns the id and echoes it: the
+/// admin listener's. The webhook handler does the same itself (see `ingress`), without the
+/// layer a middleware adds to every request.
 ///
 /// The id lives in the request's own header, replaced there when it is missing or not
 /// acceptable: nothing is allocated for a request that brings a good one, and a handler reads
-/// it only when it needs it (an error's body, a log line). Kept in the request's extensions,
-/// it cost a map, a box and two copies of the string per request (perf, README).
+/// it only when it needs it (an error's body).
 pub async fn assign(
     mut req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    let incoming = req
-        .headers()
-        .get(&HEADER)
-        .filter(|v| v.to_str().is_ok_and(is_acceptable))
-        .cloned();
-    let id = match incoming {
-        Some(id) => id,
-        None => {
-            let id = generate();
-            req.headers_mut().insert(HEADER, id.clone());
-            id
-        }
-    };
+    let id = choose(req.headers());
+    req.headers_mut().insert(HEADER, id.clone());
     let mut response = next.call(req).await?;
     response.headers_mut().insert(HEADER, id);
     Ok(response)

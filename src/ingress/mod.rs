@@ -20,7 +20,7 @@ use std::str::FromStr;
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
-use actix_web::http::header::{HeaderName, CONTENT_ENCODING};
+use actix_web::http::header::{HeaderName, HeaderValue, CONTENT_ENCODING};
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -37,7 +37,7 @@ use retries::{Retries, Verification};
 pub use sources::Source;
 pub use tls::server_config as tls_server_config;
 
-use crate::http::{respond, ApiError, RequestId};
+use crate::http::{request_id, respond, ApiError};
 use crate::metrics::{event_label, Metrics, PerThread};
 use crate::shutdown::Shutdown;
 use crate::signature;
@@ -176,7 +176,20 @@ fn answer_error(req: &HttpRequest, ingress: &Ingress, error: IngressError) -> Ht
         .local()
         .with_label_values(&[source, "none", error.code()])
         .inc();
-    respond(&error, &RequestId::of(req))
+    let request_id = request_id::choose(req.headers());
+    with_request_id(respond(&error, id_str(&request_id)), request_id)
+}
+
+/// Every answer of the public listener carries its `X-Request-Id`, set here rather than by a
+/// middleware: the `from_fn` layer boxed a future and cloned an `Rc` per request (perf, README).
+fn with_request_id(mut response: HttpResponse, id: HeaderValue) -> HttpResponse {
+    response.headers_mut().insert(request_id::HEADER, id);
+    response
+}
+
+fn id_str(id: &HeaderValue) -> &str {
+    // Chosen ids are printable ASCII (see `request_id::choose`).
+    id.to_str().unwrap_or_default()
 }
 
 /// The body of a 2xx answer.
@@ -198,8 +211,9 @@ async fn receive(req: HttpRequest, payload: web::Payload) -> HttpResponse {
     let started = Instant::now();
     // Borrowed, not extracted: the `Data` extractor clones an `Arc` that every worker shares,
     // two writes to one cache line per request from both cores (perf, README).
+    let request_id = request_id::choose(req.headers());
     let Some(ingress) = req.app_data::<web::Data<Ingress>>() else {
-        return HttpResponse::InternalServerError().finish();
+        return with_request_id(HttpResponse::InternalServerError().finish(), request_id);
     };
     let Some(served) = ingress.source_of(&req) else {
         // Before the body is read: nobody is expected at this path.
@@ -217,14 +231,15 @@ async fn receive(req: HttpRequest, payload: web::Payload) -> HttpResponse {
     // retry that nothing reads were ≈ 1 % of the relay's CPU answering duplicates (perf).
     let trace = (!span.is_disabled() || ingress.spans.enabled()).then(|| trace_of(&req));
     if !span.is_disabled() {
-        span.record("request_id", RequestId::of(&req));
+        span.record("request_id", id_str(&request_id));
         if let Some(trace) = &trace {
             span.record("trace_id", trace.trace_id.as_str());
         }
     }
-    receive_in(&req, payload, ingress, served, trace, started)
+    let response = receive_in(&req, payload, ingress, served, &request_id, trace, started)
         .instrument(span)
-        .await
+        .await;
+    with_request_id(response, request_id)
 }
 
 async fn receive_in(
@@ -232,6 +247,7 @@ async fn receive_in(
     payload: web::Payload,
     ingress: &Ingress,
     served: &Served,
+    request_id: &HeaderValue,
     trace: Option<TraceContext>,
     started: Instant,
 ) -> HttpResponse {
@@ -282,7 +298,7 @@ async fn receive_in(
             ) {
                 connection::stop_reading(req);
             }
-            respond(e, &RequestId::of(req))
+            respond(e, id_str(request_id))
         }
     };
     let outcome = match &result {
@@ -519,11 +535,11 @@ fn verify(
             return Err(fail(IngressError::UnsupportedEncoding { encoding }));
         }
     }
-    let signature_headers: Vec<_> = req.headers().get_all(SIGNATURE).collect();
+    let mut signature_headers = req.headers().get_all(SIGNATURE);
     // Two signature headers are ambiguous (which one did the platform send?): refuse them.
-    let header = match signature_headers.as_slice() {
-        [] => None,
-        [one] => Some(one.as_bytes()),
+    let header = match (signature_headers.next(), signature_headers.next()) {
+        (None, _) => None,
+        (Some(one), None) => Some(one.as_bytes()),
         _ => {
             return Err(fail(IngressError::Signature(
                 signature::SignatureError::Malformed,
