@@ -876,6 +876,27 @@ async fn http_1_0_and_pipelined_requests_get_their_answers_in_order() {
     app.stop().await;
 }
 
+/// The handler arms its body deadline only at its second poll (see `ingress::within_deadline`):
+/// a head whose body never comes must still be cut off, with nothing arriving to poll it again.
+#[tokio::test]
+async fn a_head_whose_body_never_comes_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app(Config::default().set("KALLINA_RELAY_BODY_TIMEOUT", "1s")).await;
+    let body = event_body("call.ended", "never");
+    let request = raw_post("HTTP/1.1", &body, "");
+    let head = &request[..request.len() - body.len()];
+    let mut stream = tokio::net::TcpStream::connect(app.address.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_client_too_slow_with_its_body_is_cut_off_and_others_are_served() {
     let app = spawn_app(Config::default().set("KALLINA_RELAY_BODY_TIMEOUT", "1s")).await;
