@@ -21,15 +21,29 @@ pub const KNOWN_EVENTS: [&str; 4] = [
     "conversation.updated",
 ];
 
+/// Every value of the `event` label: the known types, then `other`, then `none`.
+pub const EVENT_LABELS: [&str; 6] = [
+    KNOWN_EVENTS[0],
+    KNOWN_EVENTS[1],
+    KNOWN_EVENTS[2],
+    KNOWN_EVENTS[3],
+    "other",
+    "none",
+];
+
 /// Bounded label for an event type: a known type, `other`, or `none` when the body never parsed.
 pub fn event_label(event: Option<&str>) -> &'static str {
+    EVENT_LABELS[event_label_index(event)]
+}
+
+/// The position of [`event_label`]'s answer in [`EVENT_LABELS`].
+pub fn event_label_index(event: Option<&str>) -> usize {
     match event {
-        None => "none",
+        None => EVENT_LABELS.len() - 1,
         Some(e) => KNOWN_EVENTS
             .iter()
-            .find(|k| **k == e)
-            .copied()
-            .unwrap_or("other"),
+            .position(|k| *k == e)
+            .unwrap_or(KNOWN_EVENTS.len()),
     }
 }
 
@@ -280,6 +294,10 @@ mod tests {
         assert_eq!(event_label(Some("call.ended")), "call.ended");
         assert_eq!(event_label(Some("call.exploded")), "other");
         assert_eq!(event_label(None), "none");
+        for (i, label) in EVENT_LABELS.iter().enumerate() {
+            let event = (*label != "none").then_some(*label);
+            assert_eq!(event_label_index(event), i);
+        }
     }
 
     #[test]

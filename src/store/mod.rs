@@ -80,7 +80,7 @@ pub use queries::{
     EventPage, EventQuery, EventStatus, EventView, OutboxEntry, OutboxRead, QuarantinedView,
     StoreStats, Unreadable,
 };
-pub use record::{dedup_keys, OutboxRecord, RecordError};
+pub use record::{dedup_keys, delivery_dedup_key, OutboxRecord, RecordError};
 pub use writer::{Redelivery, Shelf, Stored};
 
 use database::Slot;
@@ -127,7 +127,7 @@ impl Store {
 
     /// True if one of `keys` (see [`dedup_keys`]) was stored before and that write is already
     /// on disk.
-    pub fn is_durable_duplicate(&self, keys: &[String]) -> Result<bool, StoreError> {
+    pub fn is_durable_duplicate(&self, keys: &[&str]) -> Result<bool, StoreError> {
         queries::is_durable_duplicate(&self.inner.slot, keys)
     }
 

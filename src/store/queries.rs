@@ -191,7 +191,7 @@ pub fn seq_of_id(database: &Database, id: &str) -> Result<Option<u64>, StoreErro
 
 /// True if one of `keys` was stored before and that write is already on disk: a retry that
 /// needs nothing written and nothing waited for.
-pub fn is_durable_duplicate(slot: &Slot, keys: &[String]) -> Result<bool, StoreError> {
+pub fn is_durable_duplicate(slot: &Slot, keys: &[&str]) -> Result<bool, StoreError> {
     // Borrowed for these few lookups rather than counted: nothing shared is written.
     let guard = slot.current.load();
     let Some(database) = guard.as_deref() else {

@@ -172,13 +172,18 @@ impl OutboxRecord {
 
 /// The dedup keys of an event with this body hash and delivery id.
 pub fn dedup_keys(key: &str, delivery_id: Option<&str>) -> Vec<String> {
-    let namespace = key.split_once(':').map(|(source, _)| source);
     std::iter::once(key.to_string())
-        .chain(delivery_id.map(|id| match namespace {
-            Some(source) => format!("{source}:{}", delivery_key(id)),
-            None => delivery_key(id),
-        }))
+        .chain(delivery_id.map(|id| delivery_dedup_key(key, id)))
         .collect()
+}
+
+/// The second dedup key of an event whose first is `key`: its delivery id, in the namespace of
+/// `key`'s source.
+pub fn delivery_dedup_key(key: &str, delivery_id: &str) -> String {
+    match key.split_once(':') {
+        Some((source, _)) => format!("{source}:{}", delivery_key(delivery_id)),
+        None => delivery_key(delivery_id),
+    }
 }
 
 /// The dedup key a delivery id of the default source is stored under. A named source's keys
