@@ -251,9 +251,9 @@ struct Verified {
 
 async fn receive(req: HttpRequest, payload: web::Payload) -> HttpResponse {
     let started = Instant::now();
+    let request_id = request_id::choose(req.headers());
     // Borrowed, not extracted: the `Data` extractor clones an `Arc` that every worker shares,
     // two writes to one cache line per request from both cores (perf, README).
-    let request_id = request_id::choose(req.headers());
     let Some(ingress) = req.app_data::<web::Data<Ingress>>() else {
         return with_request_id(HttpResponse::InternalServerError().finish(), request_id);
     };
