@@ -8,21 +8,22 @@ use super::codec::{encode_archived, seq_key, ArchiveMoves};
 use super::error::StoreError;
 use super::trees::Database;
 
-/// One record of a move: its archive entry first, then its removal from the outbox, so that a
-/// record is always in one tree or both, never in neither.
-pub fn move_one(
+/// A move's records, each `(seq, attempts, outbox value)`: their archive entries first, then
+/// their removal from the outbox (one rewrite per run), so that a record is always in one tree
+/// or both, never in neither.
+pub fn move_all(
     database: &Database,
     record: &ArchiveMoves,
-    seq: u64,
-    attempts: u32,
-    outbox_bytes: &[u8],
+    moving: &[(u64, u32, sled::IVec)],
 ) -> Result<(), StoreError> {
-    let key = seq_key(seq);
     if record.keep {
-        let entry = encode_archived(record.published_at_ms, attempts, outbox_bytes);
-        database.archive.insert(&key[..], entry)?;
+        for (seq, attempts, outbox_bytes) in moving {
+            let entry = encode_archived(record.published_at_ms, *attempts, outbox_bytes);
+            database.archive.insert(&seq_key(*seq)[..], entry)?;
+        }
     }
-    database.outbox.remove(&key[..])?;
+    let seqs: Vec<u64> = moving.iter().map(|(seq, _, _)| *seq).collect();
+    database.outbox.remove_all(&seqs)?;
     Ok(())
 }
 
@@ -32,13 +33,14 @@ pub fn move_one(
 /// count them already. Returns how many it moved.
 pub fn finish(database: &Database) -> Result<u64, StoreError> {
     let record = ArchiveMoves::read(&database.meta)?;
-    let mut finished = 0;
+    let mut moving = Vec::new();
     for &(seq, attempts) in &record.pending {
-        if let Some(bytes) = database.outbox.get(seq_key(seq))? {
-            move_one(database, &record, seq, attempts, &bytes)?;
-            finished += 1;
+        if let Some(bytes) = database.outbox.get(seq)? {
+            moving.push((seq, attempts, bytes));
         }
     }
+    move_all(database, &record, &moving)?;
+    let finished = moving.len() as u64;
     if finished > 0 {
         tracing::warn!(
             finished,

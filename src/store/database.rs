@@ -27,6 +27,7 @@ use super::disk::{self, DataDir};
 use super::error::StoreError;
 use super::index;
 use super::options::StoreOptions;
+use super::outbox::Outbox;
 
 pub use super::trees::Database;
 
@@ -192,13 +193,27 @@ fn read_counts(database: &Database) -> Result<Counts, StoreError> {
         outbox: stored_count(
             meta,
             OUTBOX_COUNT,
-            &database.outbox,
+            || database.outbox.count(),
             index.events.wrapping_sub(moves.removed),
         )?,
-        dedup: stored_count(meta, DEDUP_COUNT, &database.dedup, index.keys)?
-            + database.dedup_index.len(),
-        archive: stored_count(meta, ARCHIVE_COUNT, &database.archive, moves.archived)?,
-        quarantine: stored_count(meta, QUARANTINE_COUNT, &database.quarantine, 0)?,
+        dedup: stored_count(
+            meta,
+            DEDUP_COUNT,
+            || Ok(database.dedup.len() as u64),
+            index.keys,
+        )? + database.dedup_index.len(),
+        archive: stored_count(
+            meta,
+            ARCHIVE_COUNT,
+            || Ok(database.archive.len() as u64),
+            moves.archived,
+        )?,
+        quarantine: stored_count(
+            meta,
+            QUARANTINE_COUNT,
+            || Ok(database.quarantine.len() as u64),
+            0,
+        )?,
     })
 }
 
@@ -208,7 +223,7 @@ fn read_counts(database: &Database) -> Result<Counts, StoreError> {
 fn stored_count(
     meta: &sled::Tree,
     name: &[u8],
-    tree: &sled::Tree,
+    count: impl FnOnce() -> Result<u64, StoreError>,
     elsewhere: u64,
 ) -> Result<u64, StoreError> {
     if let Some(v) = meta.get(name)? {
@@ -221,7 +236,7 @@ fn stored_count(
             "a stored count is impossible; counting again"
         );
     }
-    let n = tree.len() as u64;
+    let n = count()?;
     meta.insert(name, &n.wrapping_sub(elsewhere).to_be_bytes())?;
     Ok(n)
 }
@@ -252,7 +267,7 @@ pub fn open_database(options: &StoreOptions) -> Result<(Database, Counts), Store
     )
     .map_err(unwritable)?;
     let legacy_dedup = (!dedup.is_empty()).into();
-    let outbox = db.open_tree("outbox")?;
+    let outbox = Outbox::new(db.open_tree("outbox")?);
     let archive = db.open_tree("archive")?;
     let quarantine = db.open_tree("quarantine")?;
     let meta = db.open_tree("meta")?;

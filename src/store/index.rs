@@ -17,8 +17,10 @@
 //! in its `pagecache/iterator.rs`), so every frame at or below that number has its entries in
 //! sled (or they were moved on, archived or swept, since) and is counted, and a frame above it
 //! may have some of its entries but is not counted; the replay writes those again and counts
-//! them once. Every entry is a plain insert of a value derived from the frame, so writing it
-//! twice leaves the same thing. The writer draws sequence numbers in commit order and the
+//! them once. Every entry is a plain insert of a value derived from the frame; the outbox's
+//! runs are written whole or not at all, so the replay writes a reference only for an event
+//! no entry holds (as a single: see [`outbox`](super::outbox)), and an event sled kept is
+//! never held twice. The writer draws sequence numbers in commit order and the
 //! index thread applies batches in that order, so the number only grows. The dedup index keeps
 //! a mark of its own (the number its manifest holds, see there): the replay adds to it the keys
 //! of every frame above that number, and to sled what is above sled's.
@@ -34,7 +36,7 @@
 use std::collections::HashSet;
 
 use super::bodies::{Frame, REFERENCE_LEN};
-use super::codec::{seq_key, DedupEntry, IndexState, INDEX_STATE};
+use super::codec::{DedupEntry, IndexState, INDEX_STATE};
 use super::error::StoreError;
 use super::record::OutboxRecord;
 use super::trees::Database;
@@ -56,7 +58,17 @@ pub fn apply(database: &Database, batches: &[Vec<IndexEntry>]) -> Result<(), Str
         return Ok(());
     };
     add_keys(database, batches.iter().flatten(), last.seq)?;
-    apply_sled(database, batches)
+    apply_sled(database, batches, References::Runs)
+}
+
+/// How the outbox's references are written.
+#[derive(Clone, Copy)]
+enum References {
+    /// New events: one run for the whole pass (see [`outbox`](super::outbox)).
+    Runs,
+    /// The replay at open: a single for each event no entry holds yet, since what sled kept
+    /// of a run after a power cut is whole, and a run and a single must not both hold one.
+    Missing,
 }
 
 /// Adds the events' dedup keys to the dedup index; `through` is the highest number among them.
@@ -79,18 +91,32 @@ fn add_keys<'a>(
 }
 
 /// What sled holds for the events: the outbox's references, then the mark.
-fn apply_sled(database: &Database, batches: &[Vec<IndexEntry>]) -> Result<(), String> {
+fn apply_sled(
+    database: &Database,
+    batches: &[Vec<IndexEntry>],
+    references: References,
+) -> Result<(), String> {
     let Some(last) = batches.iter().rev().find_map(|b| b.last()) else {
         return Ok(());
     };
     let events = || batches.iter().flatten();
     let added_events = events().count() as u64;
     let storage = |e: sled::Error| e.to_string();
-    for event in events() {
-        database
-            .outbox
-            .insert(&seq_key(event.seq)[..], &event.reference[..])
-            .map_err(storage)?;
+    match references {
+        References::Runs => {
+            let members: Vec<_> = events().map(|e| (e.seq, e.reference)).collect();
+            database.outbox.insert_runs(&members).map_err(storage)?;
+        }
+        References::Missing => {
+            for event in events() {
+                if !database.outbox.contains(event.seq).map_err(storage)? {
+                    database
+                        .outbox
+                        .insert_single(event.seq, &event.reference)
+                        .map_err(storage)?;
+                }
+            }
+        }
     }
     // Last, and one value: sled's recovered prefix never holds the mark without the entries,
     // nor the totals without the mark.
@@ -177,7 +203,7 @@ pub fn replay(database: &Database) -> Result<u64, StoreError> {
                 .collect();
             highest = highest.max(last);
             replayed += for_sled.len() as u64;
-            apply_sled(database, &[for_sled]).map_err(StoreError::Unwritable)
+            apply_sled(database, &[for_sled], References::Missing).map_err(StoreError::Unwritable)
         },
     )?;
     // A segment is named after the first number it holds, so numbers at or below the newest

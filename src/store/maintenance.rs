@@ -28,6 +28,7 @@ use super::codec::{
 };
 use super::database::Slot;
 use super::error::StoreError;
+use super::outbox::{without_members, Place};
 use super::writer::RecoverRequest;
 
 /// Archive entries removed per sweep transaction.
@@ -61,8 +62,8 @@ pub fn archive_published(slot: &Slot, confirmed: &[Confirmed]) -> Result<u64, St
     let _mover = slot.archive_mover.lock().unwrap_or_else(|p| p.into_inner());
     let mut moving = Vec::with_capacity(confirmed.len());
     for done in confirmed {
-        if let Some(bytes) = database.outbox.get(seq_key(done.seq))? {
-            moving.push((*done, bytes));
+        if let Some(bytes) = database.outbox.get(done.seq)? {
+            moving.push((done.seq, done.attempts, bytes));
         }
     }
     if moving.is_empty() {
@@ -75,12 +76,13 @@ pub fn archive_published(slot: &Slot, confirmed: &[Confirmed]) -> Result<u64, St
         archived: before.archived.wrapping_add(if keep { moved } else { 0 }),
         published_at_ms: unix_millis(SystemTime::now()),
         keep,
-        pending: moving.iter().map(|(d, _)| (d.seq, d.attempts)).collect(),
+        pending: moving
+            .iter()
+            .map(|(seq, attempts, _)| (*seq, *attempts))
+            .collect(),
     };
     database.meta.insert(ARCHIVE_MOVES, record.encode())?;
-    for (done, bytes) in &moving {
-        archive_moves::move_one(&database, &record, done.seq, done.attempts, bytes)?;
-    }
+    archive_moves::move_all(&database, &record, &moving)?;
     slot.outbox_len.fetch_sub(moved, Ordering::Relaxed);
     if keep {
         slot.archive_len.fetch_add(moved, Ordering::Relaxed);
@@ -99,29 +101,49 @@ pub fn quarantine(slot: &Slot, seq: u64, reason: &str) -> Result<bool, StoreErro
     let database = slot.database()?;
     let quarantined_at_ms = unix_millis(SystemTime::now());
     let key = seq_key(seq);
+    // Nobody else takes members out of runs meanwhile (the archive moves take this too), so
+    // the run read here is the one the transaction rewrites.
+    let _edits = database.outbox.edits();
     // Read outside the transaction, which may run more than once: no I/O inside it.
-    let Some(stored) = database.outbox.get(&key[..])? else {
+    let Some(place) = database.outbox.locate(seq)? else {
         return Ok(false);
     };
+    let stored = place.value();
     let record = database
         .bodies
-        .resolve(&stored)
+        .resolve(stored)
         .map(|r| r.into_owned())
         .unwrap_or_else(|_| stored.to_vec());
-    let moved = (&database.outbox, &database.quarantine, &database.meta)
+    let moved = (database.outbox.tree(), &database.quarantine, &database.meta)
         .transaction(|(outbox, quarantine, meta)| {
-            let Some(bytes) = outbox.remove(&key[..])? else {
-                return Ok(false);
-            };
-            // Only the relay moves records out of the outbox, so this is what was read above.
-            let kept = if bytes == stored {
-                &record[..]
-            } else {
-                &bytes[..]
+            let kept = match &place {
+                Place::Single(_) => {
+                    let Some(bytes) = outbox.remove(&key[..])? else {
+                        return Ok(false);
+                    };
+                    // Only the relay moves singles out of the outbox, so this is what was
+                    // read above.
+                    if bytes == stored {
+                        record.clone()
+                    } else {
+                        bytes.to_vec()
+                    }
+                }
+                Place::InRun { run_key, .. } => {
+                    let Some(run) = outbox.get(&run_key[..])? else {
+                        return Ok(false);
+                    };
+                    match without_members(&run, &[seq]) {
+                        Some(rest) if rest.len() == run.len() => return Ok(false),
+                        Some(rest) => outbox.insert(&run_key[..], rest)?,
+                        None => outbox.remove(&run_key[..])?,
+                    };
+                    record.clone()
+                }
             };
             quarantine.insert(
                 &key[..],
-                encode_quarantined(quarantined_at_ms, reason, kept),
+                encode_quarantined(quarantined_at_ms, reason, &kept),
             )?;
             add_count(meta, OUTBOX_COUNT, -1)?;
             add_count(meta, QUARANTINE_COUNT, 1)?;
@@ -319,14 +341,11 @@ pub fn remove_unreferenced_bodies(slot: &Slot) -> Result<usize, StoreError> {
         .dedup_index
         .flush()
         .map_err(|e| StoreError::Unwritable(format!("dedup index: {e}")))?;
-    let first = |tree: &sled::Tree| -> Result<u64, StoreError> {
-        Ok(match tree.first()? {
-            Some((key, _)) => seq_of(&key)?,
-            None => u64::MAX,
-        })
+    let in_outbox = database.outbox.first()?.map_or(u64::MAX, |(seq, _)| seq);
+    let in_archive = match database.archive.first()? {
+        Some((key, _)) => seq_of(&key)?,
+        None => u64::MAX,
     };
-    let in_outbox = first(&database.outbox)?;
-    let in_archive = first(&database.archive)?;
     // The dedup index's map holds keys the body log alone keeps durable until a file has them.
     let lowest_live = in_outbox
         .min(in_archive)

@@ -13,9 +13,11 @@
 //!   events waiting). Each count is kept in parts: the rare moves' part in the same
 //!   transactions as the writes they count, the index thread's in its mark's value, the
 //!   archive moves' in a record written before each move (see [`codec`]).
-//! - `outbox`: sequence number (big-endian) → a reference to the event's [`OutboxRecord`] in
-//!   the [`bodies`] log (or, for redelivered events and databases written before it, the
-//!   record itself). The relay reads it in order.
+//! - `outbox`: the pending events, read in order by the relay (see [`outbox`]): new events
+//!   as runs, one entry per index pass holding each event's sequence number and a reference to
+//!   its [`OutboxRecord`] in the [`bodies`] log; redelivered events (and those of databases
+//!   written before runs) under their own sequence number (big-endian), with the record itself
+//!   or a reference.
 //! - `archive`: sequence number → published event, kept for `archive_retention` for the admin
 //!   API. A confirmed event moves here under the same sequence number.
 //! - `quarantine`: sequence number → an outbox record the relay could not publish (it does not
@@ -23,7 +25,8 @@
 //!   operator puts it back; everything behind it is published meanwhile.
 //!
 //! The modules, leaves first: [`codec`] (keys and values on disk), [`record`] and [`bodies`]
-//! (the records' own segment files), [`dedup_index`], `trees` (sled's trees, the body log and
+//! (the records' own segment files), [`dedup_index`], [`outbox`] (the outbox tree's runs and
+//! singles as one ordered list), `trees` (sled's trees, the body log and
 //! the dedup index as one value),
 //! [`index`] (what sled holds for a committed event, and the replay at open) and
 //! `archive_moves` (an archive move's writes, and finishing one at open); `database`
@@ -39,7 +42,7 @@
 //!   the outbox as a log, and it alone reopens the database after a disk error.
 //! - **sled and the dedup index are indexes over the body log, written by the writer's index
 //!   thread** after the answer: the dedup keys into the dedup index's map, the outbox's
-//!   reference into sled as a plain insert, then sled's mark of what is indexed and its totals
+//!   references into sled as one plain insert per run, then sled's mark of what is indexed and its totals
 //!   as **one value**, no sled transaction, synced lazily. Every open indexes again what a power
 //!   cut took from either, each from its own mark (see [`index`]). A key or a reference is
 //!   written only after its record is synced, so there is never a dedup key without its event.
@@ -62,6 +65,7 @@ mod error;
 mod index;
 mod maintenance;
 pub mod options;
+mod outbox;
 mod queries;
 mod record;
 mod trees;

@@ -224,13 +224,11 @@ pub fn outbox_after(
         return Ok(read);
     }
     let database = slot.database()?;
-    for item in database
-        .outbox
-        .range(seq_key(start)..=seq_key(durable))
-        .take(limit)
-    {
-        let (k, v) = item?;
-        let seq = seq_of(&k)?;
+    for item in database.outbox.from(start)?.take(limit) {
+        let (seq, v) = item?;
+        if seq > durable {
+            break;
+        }
         let record = database
             .bodies
             .resolve(&v)
@@ -270,7 +268,7 @@ pub fn list_quarantined(
 
 /// The event at `seq`, wherever it is.
 pub fn event_at(database: &Database, seq: u64) -> Result<Option<EventView>, StoreError> {
-    if let Some(bytes) = database.outbox.get(seq_key(seq))? {
+    if let Some(bytes) = database.outbox.get(seq)? {
         return Ok(Some(EventView::pending(seq, &bytes, &database.bodies)?));
     }
     match database.archive.get(seq_key(seq))? {
@@ -284,24 +282,31 @@ pub fn event_at(database: &Database, seq: u64) -> Result<Option<EventView>, Stor
 /// come back short with a cursor to go on from. The cursor is a sequence number, so paging
 /// stays right while events arrive: newer ones get higher numbers.
 pub fn list_events(database: &Database, query: &EventQuery) -> Result<EventPage, StoreError> {
-    type Records<'a> =
-        std::iter::Peekable<Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + 'a>>;
+    type Records<'a> = std::iter::Peekable<Box<dyn Iterator<Item = Numbered> + 'a>>;
     let want = |status| query.status.is_none_or(|s| s == status);
-    let range = |tree: &sled::Tree, wanted: bool| -> Records<'_> {
-        let records: Box<dyn Iterator<Item = _>> = match (wanted, query.newest_first) {
+    let start = query.after.map_or(0, |a| a.saturating_add(1));
+    let pending: Box<dyn Iterator<Item = Numbered>> =
+        match (want(EventStatus::Pending), query.newest_first) {
             (false, _) => Box::new(std::iter::empty()),
-            (true, false) => {
-                Box::new(tree.range(seq_key(query.after.map_or(0, |a| a.saturating_add(1)))..))
-            }
+            (true, false) => Box::new(database.outbox.from(start)?),
+            (true, true) => Box::new(database.outbox.before(query.before)),
+        };
+    let archived: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
+        match (want(EventStatus::Published), query.newest_first) {
+            (false, _) => Box::new(std::iter::empty()),
+            (true, false) => Box::new(database.archive.range(seq_key(start)..)),
             (true, true) => match query.before {
-                Some(before) => Box::new(tree.range(..seq_key(before)).rev()),
-                None => Box::new(tree.iter().rev()),
+                Some(before) => Box::new(database.archive.range(..seq_key(before)).rev()),
+                None => Box::new(database.archive.iter().rev()),
             },
         };
-        records.peekable()
+    let numbered = |item: sled::Result<(sled::IVec, sled::IVec)>| -> Numbered {
+        let (key, value) = item?;
+        Ok((seq_of(&key)?, value))
     };
-    let mut pending = range(&database.outbox, want(EventStatus::Pending));
-    let mut published = range(&database.archive, want(EventStatus::Published));
+    let mut pending: Records<'_> = pending.peekable();
+    let mut published: Records<'_> =
+        (Box::new(archived.map(numbered)) as Box<dyn Iterator<Item = Numbered>>).peekable();
     let mut events = Vec::new();
     let mut scanned = 0;
     let mut last = None;
@@ -329,11 +334,11 @@ pub fn list_events(database: &Database, query: &EventQuery) -> Result<EventPage,
             (Some(p), Some(a)) => (p < a) != query.newest_first,
         };
         let view = if take_pending {
-            let (key, bytes) = pending.next().expect("peeked")?;
-            EventView::pending(seq_of(&key)?, &bytes, &database.bodies)?
+            let (seq, bytes) = pending.next().expect("peeked")?;
+            EventView::pending(seq, &bytes, &database.bodies)?
         } else {
-            let (key, bytes) = published.next().expect("peeked")?;
-            EventView::published(seq_of(&key)?, &bytes, &database.bodies)?
+            let (seq, bytes) = published.next().expect("peeked")?;
+            EventView::published(seq, &bytes, &database.bodies)?
         };
         scanned += 1;
         last = Some(view.seq);
@@ -343,14 +348,17 @@ pub fn list_events(database: &Database, query: &EventQuery) -> Result<EventPage,
     }
 }
 
+/// An event's sequence number and its stored value, or why it could not be read.
+type Numbered = Result<(u64, sled::IVec), StoreError>;
+
 /// The sequence number of the next record, or its read error.
 fn peek_seq<I>(records: &mut std::iter::Peekable<I>) -> Result<Option<u64>, StoreError>
 where
-    I: Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+    I: Iterator<Item = Numbered>,
 {
     match records.peek() {
-        Some(Ok((k, _))) => Ok(Some(seq_of(k)?)),
-        Some(Err(_)) => Err(records.next().expect("peeked").unwrap_err().into()),
+        Some(Ok((seq, _))) => Ok(Some(*seq)),
+        Some(Err(_)) => Err(records.next().expect("peeked").unwrap_err()),
         None => Ok(None),
     }
 }

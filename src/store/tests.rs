@@ -3,6 +3,7 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
+use super::outbox::Outbox;
 use super::*;
 
 fn options(dir: &Path, outbox_max: u64) -> StoreOptions {
@@ -371,7 +372,7 @@ async fn records_live_in_the_body_log_and_their_segments_go_once_nothing_refers_
         // sled holds a reference, not the record.
         store.indexed().await;
         let database = store.inner.slot.database().unwrap();
-        let (_, value) = database.outbox.last().unwrap().unwrap();
+        let (_, value) = database.outbox.before(None).next().unwrap().unwrap();
         assert_eq!(value.len(), bodies::REFERENCE_LEN);
         drop(database);
         store.close();
@@ -612,8 +613,11 @@ async fn entries_sled_kept_without_their_mark_are_indexed_again_and_counted_once
         for (name, value) in names.iter().zip(&after_a) {
             meta.insert(name, value.clone().unwrap()).unwrap();
         }
-        assert!(
-            db.open_tree("outbox").unwrap().len() == 3,
+        assert_eq!(
+            Outbox::new(db.open_tree("outbox").unwrap())
+                .count()
+                .unwrap(),
+            3,
             "b's and c's entries stay"
         );
         db.flush().unwrap();
@@ -676,7 +680,7 @@ async fn an_archive_move_a_power_cut_interrupted_is_finished_at_open_and_counted
     {
         let db = sled_of(&data);
         let meta = db.open_tree("meta").unwrap();
-        let outbox = db.open_tree("outbox").unwrap();
+        let outbox = Outbox::new(db.open_tree("outbox").unwrap());
         let archive = db.open_tree("archive").unwrap();
         let before = ArchiveMoves::read(&meta).unwrap();
         assert_eq!((before.removed, before.archived), (1, 1));
@@ -689,7 +693,7 @@ async fn an_archive_move_a_power_cut_interrupted_is_finished_at_open_and_counted
             pending: vec![(seqs[1], 3), (seqs[2], 4)],
         };
         meta.insert(ARCHIVE_MOVES, record.encode()).unwrap();
-        let b = outbox.get(seq_key(seqs[1])).unwrap().unwrap();
+        let b = outbox.get(seqs[1]).unwrap().unwrap();
         archive
             .insert(seq_key(seqs[1]), encode_archived(published_at_ms, 3, &b))
             .unwrap();
@@ -790,4 +794,81 @@ async fn an_impossible_count_is_counted_again_at_open() {
     store.close();
     drop(store);
     assert_eq!(open(&data, 10).stats().outbox_events, 2);
+}
+
+/// Events accepted together are indexed as one run of the outbox: one taken out of the middle
+/// (quarantined), one from the front (published), and one put back, and the outbox still reads
+/// in order, before and after a reopen, with the counts right.
+#[tokio::test]
+async fn events_of_one_run_leave_it_one_by_one_and_the_outbox_stays_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = unix_millis(SystemTime::now());
+    let store = open(dir.path(), 10);
+    let accepted = futures_util::future::join_all(
+        ["a", "b", "c", "d"].map(|key| store.accept(record(key, now))),
+    )
+    .await;
+    assert!(accepted.iter().all(|a| matches!(a, Ok(Stored::New))));
+    store.indexed().await;
+    let keys = |store: &Store| -> Vec<(u64, String)> {
+        let entries = store.outbox_after(None, 10).unwrap().entries;
+        entries.into_iter().map(|e| (e.seq, e.record.key)).collect()
+    };
+    let pending = keys(&store);
+    let seq_of = |key: &str| pending.iter().find(|(_, k)| k == key).unwrap().0;
+    {
+        let database = store.inner.slot.database().unwrap();
+        assert!(
+            database.outbox.tree().len() < 4,
+            "four events accepted at once share a run"
+        );
+    }
+    assert!(store.quarantine(seq_of("b"), "refused").unwrap());
+    assert!(!store.quarantine(seq_of("b"), "refused").unwrap());
+    store
+        .archive_published(&[Confirmed {
+            seq: seq_of("a"),
+            attempts: 1,
+        }])
+        .unwrap();
+    assert_eq!(
+        store
+            .redeliver(vec![seq_of("b")], Shelf::Quarantine)
+            .await
+            .unwrap(),
+        vec![Redelivery::Queued(seq_of("d") + 1)]
+    );
+    // Still pending in the run: not put back twice.
+    assert_eq!(
+        store
+            .redeliver(vec![seq_of("c")], Shelf::Archive)
+            .await
+            .unwrap(),
+        vec![Redelivery::Pending]
+    );
+    store.indexed().await;
+    let expected = vec![
+        (seq_of("c"), "c".to_string()),
+        (seq_of("d"), "d".to_string()),
+        (seq_of("d") + 1, "b".to_string()),
+    ];
+    assert_eq!(keys(&store), expected);
+    assert_eq!(
+        store.find_event("c").unwrap().unwrap().status,
+        EventStatus::Pending
+    );
+    let stats = store.stats();
+    assert_eq!(
+        (
+            stats.outbox_events,
+            stats.archive_events,
+            stats.quarantined_events
+        ),
+        (3, 1, 0)
+    );
+    store.close();
+    drop(store);
+    let store = open(dir.path(), 10);
+    assert_eq!(keys(&store), expected);
+    assert_eq!(store.stats().outbox_events, 3);
 }

@@ -7,6 +7,7 @@
 use super::bodies::BodyLog;
 use super::dedup_index::DedupIndex;
 use super::disk::DataDir;
+use super::outbox::Outbox;
 
 /// sled, its trees, and the data directory it syncs.
 pub struct Database {
@@ -20,7 +21,8 @@ pub struct Database {
     pub dedup_index: DedupIndex,
     /// Whether `dedup` may hold anything: lookups of new keys skip it when it is empty.
     pub legacy_dedup: std::sync::atomic::AtomicBool,
-    pub outbox: sled::Tree,
+    /// Pending events, new ones in runs (see [`outbox`](super::outbox)).
+    pub outbox: Outbox,
     pub archive: sled::Tree,
     /// Outbox records the relay could not publish: see [`super::maintenance::quarantine`].
     pub quarantine: sled::Tree,

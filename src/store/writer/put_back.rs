@@ -70,7 +70,21 @@ pub(super) fn put_back(
             }
         }
     }
-    let trees = (shelf, &database.outbox, &database.dedup, &database.meta);
+    // Whether each is still pending, read here too: an event can be in a run of the outbox,
+    // which only a range read finds, and a transaction reads keys. Only this thread puts
+    // events into the outbox but the index passes, which it runs between.
+    let mut pending = std::collections::HashSet::new();
+    for old in seqs {
+        if database.outbox.contains(*old)? {
+            pending.insert(*old);
+        }
+    }
+    let trees = (
+        shelf,
+        database.outbox.tree(),
+        &database.dedup,
+        &database.meta,
+    );
     let outcomes = trees
         .transaction(|(shelf, outbox, dedup, meta)| {
             let mut outcomes = Vec::with_capacity(seqs.len());
@@ -78,8 +92,7 @@ pub(super) fn put_back(
             for (old, new) in seqs.iter().zip(fresh) {
                 let old_key = seq_key(*old);
                 let Some(bytes) = shelf.remove(&old_key[..])? else {
-                    let pending = outbox.get(&old_key[..])?.is_some();
-                    outcomes.push(if pending {
+                    outcomes.push(if pending.contains(old) {
                         Redelivery::Pending
                     } else {
                         Redelivery::Missing
