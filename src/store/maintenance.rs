@@ -121,7 +121,7 @@ pub fn quarantine(slot: &Slot, seq: u64, reason: &str) -> Result<bool, StoreErro
                     let Some(bytes) = outbox.remove(&key[..])? else {
                         return Ok(false);
                     };
-                    // Only the relay moves singles out of the outbox, so this is what was
+                    // Only the relay moves records out of the outbox, so this is what was
                     // read above.
                     if bytes == stored {
                         record.clone()

@@ -169,7 +169,7 @@ impl Outbox {
     }
 
     /// The pending events numbered `from` and up, in order.
-    pub fn from(&self, from: u64) -> Result<Members<'static>, sled::Error> {
+    pub fn starting_at(&self, from: u64) -> Result<Members<'static>, sled::Error> {
         // A run keyed below `from` may hold members at or above it.
         let before = self.tree.range(..seq_key(from)).next_back().transpose()?;
         let head: Vec<sled::Result<(IVec, IVec)>> = before
@@ -197,13 +197,13 @@ impl Outbox {
 
     /// The oldest pending event.
     pub fn first(&self) -> Result<Option<(u64, IVec)>, StoreError> {
-        self.from(0)?.next().transpose()
+        self.starting_at(0)?.next().transpose()
     }
 
     /// How many events are pending, by reading them all: only for a database without counts.
     pub fn count(&self) -> Result<u64, StoreError> {
         let mut count = 0;
-        for member in self.from(0)? {
+        for member in self.starting_at(0)? {
             member?;
             count += 1;
         }
@@ -381,12 +381,15 @@ mod tests {
     fn runs_and_singles_read_as_one_ordered_outbox() {
         let (_dir, outbox) = filled();
         assert_eq!(
-            seqs(outbox.from(0).unwrap()),
+            seqs(outbox.starting_at(0).unwrap()),
             [5, 10, 11, 12, 13, 14, 16, 20, 21]
         );
         // From the middle of a run: the run keyed below is read too.
-        assert_eq!(seqs(outbox.from(12).unwrap()), [12, 13, 14, 16, 20, 21]);
-        assert_eq!(seqs(outbox.from(15).unwrap()), [16, 20, 21]);
+        assert_eq!(
+            seqs(outbox.starting_at(12).unwrap()),
+            [12, 13, 14, 16, 20, 21]
+        );
+        assert_eq!(seqs(outbox.starting_at(15).unwrap()), [16, 20, 21]);
         assert_eq!(
             seqs(outbox.before(None)),
             [21, 20, 16, 14, 13, 12, 11, 10, 5]
@@ -416,9 +419,9 @@ mod tests {
     fn members_leave_one_by_one_and_an_empty_run_goes() {
         let (_dir, outbox) = filled();
         outbox.remove_all(&[5, 10, 12, 16, 99]).unwrap();
-        assert_eq!(seqs(outbox.from(0).unwrap()), [11, 13, 14, 20, 21]);
+        assert_eq!(seqs(outbox.starting_at(0).unwrap()), [11, 13, 14, 20, 21]);
         outbox.remove_all(&[11, 13, 14, 20]).unwrap();
-        assert_eq!(seqs(outbox.from(0).unwrap()), [21]);
+        assert_eq!(seqs(outbox.starting_at(0).unwrap()), [21]);
         // The first run is gone, not left empty; the second keeps its key.
         assert_eq!(outbox.tree().len(), 1);
         assert_eq!(outbox.first().unwrap().unwrap().0, 21);
@@ -442,7 +445,7 @@ mod tests {
     fn a_run_that_does_not_decode_is_reported_not_skipped() {
         let (_dir, outbox) = outbox();
         outbox.tree().insert(run_key(3), &b"short"[..]).unwrap();
-        let read: Vec<_> = outbox.from(0).unwrap().collect();
+        let read: Vec<_> = outbox.starting_at(0).unwrap().collect();
         assert!(matches!(
             read[..],
             [Err(StoreError::Record(RecordError::Corrupt(_)))]

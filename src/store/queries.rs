@@ -224,7 +224,7 @@ pub fn outbox_after(
         return Ok(read);
     }
     let database = slot.database()?;
-    for item in database.outbox.from(start)?.take(limit) {
+    for item in database.outbox.starting_at(start)?.take(limit) {
         let (seq, v) = item?;
         if seq > durable {
             break;
@@ -288,7 +288,7 @@ pub fn list_events(database: &Database, query: &EventQuery) -> Result<EventPage,
     let pending: Box<dyn Iterator<Item = Numbered>> =
         match (want(EventStatus::Pending), query.newest_first) {
             (false, _) => Box::new(std::iter::empty()),
-            (true, false) => Box::new(database.outbox.from(start)?),
+            (true, false) => Box::new(database.outbox.starting_at(start)?),
             (true, true) => Box::new(database.outbox.before(query.before)),
         };
     let archived: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
@@ -304,9 +304,9 @@ pub fn list_events(database: &Database, query: &EventQuery) -> Result<EventPage,
         let (key, value) = item?;
         Ok((seq_of(&key)?, value))
     };
+    let archived: Box<dyn Iterator<Item = Numbered>> = Box::new(archived.map(numbered));
     let mut pending: Records<'_> = pending.peekable();
-    let mut published: Records<'_> =
-        (Box::new(archived.map(numbered)) as Box<dyn Iterator<Item = Numbered>>).peekable();
+    let mut published: Records<'_> = archived.peekable();
     let mut events = Vec::new();
     let mut scanned = 0;
     let mut last = None;
