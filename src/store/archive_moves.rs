@@ -6,24 +6,25 @@
 
 use super::codec::{encode_archived, seq_key, ArchiveMoves};
 use super::error::StoreError;
+use super::outbox::Place;
 use super::trees::Database;
 
-/// A move's records, each `(seq, attempts, outbox value)`: their archive entries first, then
-/// their removal from the outbox (one rewrite per run), so that a record is always in one tree
-/// or both, never in neither.
+/// A move's records, each `(seq, attempts, where the outbox holds it)`: their archive entries
+/// first, then their removal from the outbox (one rewrite per run), so that a record is always
+/// in one tree or both, never in neither.
 pub fn move_all(
     database: &Database,
     record: &ArchiveMoves,
-    moving: &[(u64, u32, sled::IVec)],
+    moving: &[(u64, u32, Place)],
 ) -> Result<(), StoreError> {
     if record.keep {
-        for (seq, attempts, outbox_bytes) in moving {
-            let entry = encode_archived(record.published_at_ms, *attempts, outbox_bytes);
+        for (seq, attempts, place) in moving {
+            let entry = encode_archived(record.published_at_ms, *attempts, place.value());
             database.archive.insert(&seq_key(*seq)[..], entry)?;
         }
     }
-    let seqs: Vec<u64> = moving.iter().map(|(seq, _, _)| *seq).collect();
-    database.outbox.remove_all(&seqs)?;
+    let found = moving.iter().map(|(seq, _, place)| (*seq, place));
+    database.outbox.remove_all(found)?;
     Ok(())
 }
 
@@ -35,8 +36,8 @@ pub fn finish(database: &Database) -> Result<u64, StoreError> {
     let record = ArchiveMoves::read(&database.meta)?;
     let mut moving = Vec::new();
     for &(seq, attempts) in &record.pending {
-        if let Some(bytes) = database.outbox.get(seq)? {
-            moving.push((seq, attempts, bytes));
+        if let Some(place) = database.outbox.locate(seq)? {
+            moving.push((seq, attempts, place));
         }
     }
     move_all(database, &record, &moving)?;

@@ -62,8 +62,8 @@ pub fn archive_published(slot: &Slot, confirmed: &[Confirmed]) -> Result<u64, St
     let _mover = slot.archive_mover.lock().unwrap_or_else(|p| p.into_inner());
     let mut moving = Vec::with_capacity(confirmed.len());
     for done in confirmed {
-        if let Some(bytes) = database.outbox.get(done.seq)? {
-            moving.push((done.seq, done.attempts, bytes));
+        if let Some(place) = database.outbox.locate(done.seq)? {
+            moving.push((done.seq, done.attempts, place));
         }
     }
     if moving.is_empty() {

@@ -66,7 +66,7 @@ pub enum Place {
 
 impl Place {
     /// The record or its reference.
-    pub fn value(&self) -> &[u8] {
+    pub fn value(&self) -> &IVec {
         match self {
             Place::Single(value) => value,
             Place::InRun { reference, .. } => reference,
@@ -119,7 +119,7 @@ impl Outbox {
         };
         match key.len() {
             8 if key[..] == seq_key(seq) => Ok(Some(Place::Single(value))),
-            9 => Ok(member_of(&value, seq).map(|reference| Place::InRun {
+            9 => Ok(reference_in(&value, seq).map(|reference| Place::InRun {
                 run_key: key.to_vec(),
                 reference: IVec::from(reference),
             })),
@@ -129,40 +129,41 @@ impl Outbox {
 
     /// The record or reference of `seq`, if it is pending.
     pub fn get(&self, seq: u64) -> Result<Option<IVec>, sled::Error> {
-        Ok(self.locate(seq)?.map(|place| match place {
-            Place::Single(value) => value,
-            Place::InRun { reference, .. } => reference,
-        }))
+        Ok(self.locate(seq)?.map(|place| place.value().clone()))
     }
 
     pub fn contains(&self, seq: u64) -> Result<bool, sled::Error> {
         Ok(self.locate(seq)?.is_some())
     }
 
-    /// Takes `seqs` out of the outbox: a single's key removed, a run rewritten once without
-    /// its members among them (or removed once empty). Numbers not pending are passed over.
-    pub fn remove_all(&self, seqs: &[u64]) -> Result<(), sled::Error> {
+    /// Takes events out of the outbox, each where [`Self::locate`] found it: a single's key
+    /// removed, a run rewritten once without its members among them (or removed once empty).
+    /// The run is read again here, under [`Self::edits`]: a member taken out since is passed
+    /// over, and one never comes back.
+    pub fn remove_all<'a>(
+        &self,
+        found: impl IntoIterator<Item = (u64, &'a Place)>,
+    ) -> Result<(), sled::Error> {
         let _edits = self.edits();
-        let mut runs: Vec<(Vec<u8>, Vec<u64>)> = Vec::new();
-        for &seq in seqs {
-            match self.locate(seq)? {
-                None => {}
-                Some(Place::Single(_)) => {
+        let mut runs: Vec<(&[u8], Vec<u64>)> = Vec::new();
+        for (seq, place) in found {
+            match place {
+                Place::Single(_) => {
                     self.tree.remove(&seq_key(seq)[..])?;
                 }
-                Some(Place::InRun { run_key, .. }) => match runs.last_mut() {
-                    Some((key, members)) if *key == run_key => members.push(seq),
+                Place::InRun { run_key, .. } => match runs.last_mut() {
+                    Some((key, members)) if *key == &run_key[..] => members.push(seq),
                     _ => runs.push((run_key, vec![seq])),
                 },
             }
         }
         for (key, leaving) in runs {
-            let Some(run) = self.tree.get(&key)? else {
+            let Some(run) = self.tree.get(key)? else {
                 continue;
             };
             match without_members(&run, &leaving) {
-                Some(rest) => self.tree.insert(&key[..], rest)?,
-                None => self.tree.remove(&key[..])?,
+                Some(rest) => self.tree.insert(key, rest)?,
+                None => self.tree.remove(key)?,
             };
         }
         Ok(())
@@ -172,13 +173,13 @@ impl Outbox {
     pub fn starting_at(&self, from: u64) -> Result<Members<'static>, sled::Error> {
         // A run keyed below `from` may hold members at or above it.
         let before = self.tree.range(..seq_key(from)).next_back().transpose()?;
-        let head: Vec<sled::Result<(IVec, IVec)>> = before
-            .filter(|(key, _)| key.len() == 9)
-            .map(Ok)
-            .into_iter()
-            .collect();
+        let run_before = before.filter(|(key, _)| key.len() == 9).map(Ok);
         Ok(Members::new(
-            Box::new(head.into_iter().chain(self.tree.range(seq_key(from)..))),
+            Box::new(
+                run_before
+                    .into_iter()
+                    .chain(self.tree.range(seq_key(from)..)),
+            ),
             false,
             from,
             u64::MAX,
@@ -218,53 +219,43 @@ pub fn run_key(seq: u64) -> [u8; 9] {
     key
 }
 
+/// A run's members as `[u64 seq][reference]` arrays, and whatever is left over (nothing, in
+/// a run that decodes).
+fn member_arrays(run: &[u8]) -> (&[[u8; MEMBER_LEN]], &[u8]) {
+    run.as_chunks::<MEMBER_LEN>()
+}
+
+fn seq_of_member(member: &[u8; MEMBER_LEN]) -> u64 {
+    u64::from_be_bytes(member[..8].try_into().expect("8 bytes"))
+}
+
 /// The members of a run's value, or an error if it is not one.
 fn members(run: &[u8]) -> Result<impl DoubleEndedIterator<Item = (u64, &[u8])>, RecordError> {
-    if run.is_empty() || !run.len().is_multiple_of(MEMBER_LEN) {
+    let (members, rest) = member_arrays(run);
+    if members.is_empty() || !rest.is_empty() {
         return Err(RecordError::Corrupt(format!(
             "an outbox run of {} bytes",
             run.len()
         )));
     }
-    Ok(run.chunks_exact(MEMBER_LEN).map(|member| {
-        let seq = u64::from_be_bytes(member[..8].try_into().expect("8 bytes"));
-        (seq, &member[8..])
-    }))
+    Ok(members
+        .iter()
+        .map(|member| (seq_of_member(member), &member[8..])))
 }
 
-/// The reference of `seq` in a run, if it is a member.
-fn member_of(run: &[u8], seq: u64) -> Option<&[u8]> {
-    let count = run.len() / MEMBER_LEN;
-    let seq_at = |i: usize| {
-        u64::from_be_bytes(
-            run[i * MEMBER_LEN..i * MEMBER_LEN + 8]
-                .try_into()
-                .expect("8 bytes"),
-        )
-    };
-    // Members are ascending: a binary search over their numbers.
-    let (mut low, mut high) = (0, count);
-    while low < high {
-        let mid = (low + high) / 2;
-        match seq_at(mid).cmp(&seq) {
-            std::cmp::Ordering::Less => low = mid + 1,
-            std::cmp::Ordering::Greater => high = mid,
-            std::cmp::Ordering::Equal => {
-                return Some(&run[mid * MEMBER_LEN + 8..(mid + 1) * MEMBER_LEN])
-            }
-        }
-    }
-    None
+/// The reference of `seq` in a run, if it is a member (members are ascending).
+fn reference_in(run: &[u8], seq: u64) -> Option<&[u8]> {
+    let (members, _) = member_arrays(run);
+    let at = members.binary_search_by_key(&seq, seq_of_member).ok()?;
+    Some(&members[at][8..])
 }
 
 /// A run's value without `leaving`; `None` once nothing is left.
 pub fn without_members(run: &[u8], leaving: &[u64]) -> Option<Vec<u8>> {
-    let rest: Vec<u8> = run
-        .chunks_exact(MEMBER_LEN)
-        .filter(|member| {
-            let seq = u64::from_be_bytes(member[..8].try_into().expect("8 bytes"));
-            !leaving.contains(&seq)
-        })
+    let (members, _) = member_arrays(run);
+    let rest: Vec<u8> = members
+        .iter()
+        .filter(|member| !leaving.contains(&seq_of_member(member)))
         .flatten()
         .copied()
         .collect();
@@ -415,17 +406,28 @@ mod tests {
         }
     }
 
+    /// Takes out those of `seqs` that are pending, as the archive moves do.
+    fn remove(outbox: &Outbox, seqs: &[u64]) {
+        let found: Vec<(u64, Place)> = seqs
+            .iter()
+            .filter_map(|&seq| Some((seq, outbox.locate(seq).unwrap()?)))
+            .collect();
+        outbox
+            .remove_all(found.iter().map(|(seq, place)| (*seq, place)))
+            .unwrap();
+    }
+
     #[test]
     fn members_leave_one_by_one_and_an_empty_run_goes() {
         let (_dir, outbox) = filled();
-        outbox.remove_all(&[5, 10, 12, 16, 99]).unwrap();
+        remove(&outbox, &[5, 10, 12, 16, 99]);
         assert_eq!(seqs(outbox.starting_at(0).unwrap()), [11, 13, 14, 20, 21]);
-        outbox.remove_all(&[11, 13, 14, 20]).unwrap();
+        remove(&outbox, &[11, 13, 14, 20]);
         assert_eq!(seqs(outbox.starting_at(0).unwrap()), [21]);
         // The first run is gone, not left empty; the second keeps its key.
         assert_eq!(outbox.tree().len(), 1);
         assert_eq!(outbox.first().unwrap().unwrap().0, 21);
-        outbox.remove_all(&[21]).unwrap();
+        remove(&outbox, &[21]);
         assert!(outbox.tree().is_empty());
     }
 
